@@ -1,0 +1,94 @@
+"""Shared test helpers: tolerances, poisoned outputs, the fp64 oracle and verbose comparisons."""
+
+from __future__ import annotations
+
+import ctypes.util
+import os
+
+# The Triton backend runs on CPU tensors only under its interpreter, which must be chosen
+# before triton is first imported.
+if "TRITON_INTERPRET" not in os.environ and ctypes.util.find_library("cuda") is None:
+    os.environ["TRITON_INTERPRET"] = "1"
+
+import pytest
+import torch
+
+import sema
+
+# Machine epsilon per dtype: the bound on one rounding is eps/2 relative.
+EPS = {torch.float32: 2.0**-23, torch.bfloat16: 2.0**-7, torch.float16: 2.0**-10}
+
+# (param dtype, ema dtype) pairs of the contract.
+DTYPE_PAIRS = [
+    (torch.float32, torch.float32),
+    (torch.bfloat16, torch.float32),
+    (torch.float16, torch.float32),
+    (torch.bfloat16, torch.bfloat16),
+    (torch.float16, torch.float16),
+]
+SIZES = [0, 1, 17, 4097, 2**20 + 3]
+WEIGHTS = [0.0, 1e-4, 0.5, 1.0]
+
+
+def pair_id(pair: tuple[torch.dtype, torch.dtype]) -> str:
+    short = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+    return f"param_{short[pair[0]]}-ema_{short[pair[1]]}"
+
+
+def cpu_backends() -> list[str]:
+    """Backends that can run on CPU tensors here (torch always; others when built/enabled)."""
+    return [name for name, (ok, _) in sema.available_backends("cpu").items() if ok]
+
+
+def poisoned(n: int, dtype: torch.dtype) -> torch.Tensor:
+    return torch.full((n,), float("nan"), dtype=dtype)
+
+
+def random_values(n: int, dtype: torch.dtype, generator: torch.Generator) -> torch.Tensor:
+    """Normal values over several orders of magnitude (kept inside the dtype's range)."""
+    scale = torch.pow(10.0, torch.empty(n).uniform_(-2, 2, generator=generator))
+    return (torch.randn(n, generator=generator, dtype=torch.float64) * scale).to(dtype)
+
+
+def fp32_weight(w: float) -> float:
+    return float(torch.tensor(w, dtype=torch.float32))
+
+
+def update_bound(e64: torch.Tensor, p64: torch.Tensor, expected: torch.Tensor, ema_dtype: torch.dtype) -> torch.Tensor:
+    """Error allowed for one fp32-math lerp stored in ``ema_dtype``: the fp32 arithmetic
+    (two roundings of terms bounded by |e| + |p|) plus the final rounding to ``ema_dtype``."""
+    arith = 2 * EPS[torch.float32] * (e64.abs() + p64.abs())
+    store = 0.5 * EPS[ema_dtype] * expected.abs() if ema_dtype != torch.float32 else 0.0
+    tiny = torch.finfo(ema_dtype).tiny  # subnormal results
+    return arith + store + tiny
+
+
+def assert_within(actual: torch.Tensor, expected: torch.Tensor, bound: torch.Tensor, what: str) -> None:
+    """Fail with the worst element: where, by how much, against which bound."""
+    err = (actual.double() - expected).abs()
+    bad = ~(err <= bound)  # NaN counts as bad
+    if bad.any():
+        idx = int(bad.nonzero()[0])
+        worst = int(torch.nan_to_num(err - bound, nan=float("inf")).argmax())
+        raise AssertionError(
+            f"{what}: {int(bad.sum())}/{actual.numel()} elements off; first at {idx}: got "
+            f"{actual[idx].item()!r}, expected {expected[idx].item()!r} (bound {bound[idx].item():.3g}); "
+            f"worst at {worst}: err {err[worst].item():.3g} vs bound {bound[worst].item():.3g}"
+        )
+
+
+def assert_bits_equal(actual: torch.Tensor, expected: torch.Tensor, what: str) -> None:
+    int_type = {4: torch.int32, 2: torch.int16, 8: torch.int64}[actual.element_size()]
+    a, b = actual.contiguous().view(int_type), expected.contiguous().view(int_type)
+    diff = a != b
+    if actual.dtype != expected.dtype or diff.any():
+        idx = int(diff.nonzero()[0]) if diff.any() else -1
+        raise AssertionError(
+            f"{what}: {int(diff.sum())} elements differ bitwise (dtypes {actual.dtype}/{expected.dtype}); "
+            f"first at {idx}" + (f": {actual[idx].item()!r} vs {expected[idx].item()!r}" if idx >= 0 else "")
+        )
+
+
+@pytest.fixture
+def generator() -> torch.Generator:
+    return torch.Generator().manual_seed(1234)
