@@ -8,6 +8,7 @@ never reset by a switch, and the optimizer state is never touched.
 from __future__ import annotations
 
 import contextlib
+import operator
 import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -168,6 +169,20 @@ class SwitchEMA:
                     )
                 )
         self._steps = {device: torch.zeros((), dtype=torch.int64, device=device) for device in resolved}
+        for step in self._steps.values():
+            self.schedule.weight(step)  # creates a constant weight now, not inside a traced update
+        # Where the model holds each param: load_state_dict(assign=True) puts new Parameter
+        # objects there, which a data-pointer check alone cannot see.
+        tracked = {id(p): n for n, p in named}
+        self._slots = [
+            (module._parameters, key, p, tracked[id(p)])
+            for module in model.modules()
+            for key, p in module._parameters.items()
+            if p is not None and id(p) in tracked
+        ]
+        self._slot_dicts = [d for d, _, _, _ in self._slots]
+        self._slot_keys = [k for _, k, _, _ in self._slots]
+        self._slot_params = [p for _, _, p, _ in self._slots]
 
         self._buffer_names: list[str] = []
         self._buffers: list[Tensor] = []
@@ -361,6 +376,8 @@ class SwitchEMA:
             )
         moved = [n for b in self.buckets for n in b.moved()]
         moved += [n for g in self.tensor_groups for n in g.moved()]
+        if not all(map(operator.is_, map(dict.get, self._slot_dicts, self._slot_keys), self._slot_params)):
+            moved += [f"{n} (replaced by a new Parameter)" for d, k, p, n in self._slots if d.get(k) is not p]
         if moved:
             shown = ", ".join(moved[:8]) + (f" and {len(moved) - 8} more" if len(moved) > 8 else "")
             raise BucketMovedError(
