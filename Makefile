@@ -1,0 +1,35 @@
+# Two fresh-machine commands (see README): `make profile` (the main job) and `make test`.
+# Each creates its own virtual environment in .venv and pins torch (CPU wheel on CPU machines).
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+TORCH_VERSION ?= 2.13.0
+TRITON_VERSION ?= 3.9.0
+STAMP := $(VENV)/.installed-$(TORCH_VERSION)-$(TRITON_VERSION)
+
+.PHONY: profile test lint install clean
+
+$(STAMP): pyproject.toml setup.py
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet "torch==$(TORCH_VERSION)" "triton==$(TRITON_VERSION)" numpy "pytest>=8" "ruff==0.14.0" \
+		"setuptools>=69" wheel "pybind11>=2.12" ninja
+	touch $(STAMP)
+
+# Builds the optional extension in place (setup.py prints why it skips a part).
+install: $(STAMP)
+	$(BIN)/pip install --quiet --no-build-isolation --no-deps -e .
+
+# The main job: a bandwidth profile of the EMA ops on the built-in ResNet-50 parameter set.
+profile: install
+	$(BIN)/sema-bench --set resnet50 --json bench/results/latest-profile.json
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+test: install lint
+	$(BIN)/python -m pytest -q
+
+clean:
+	rm -rf $(VENV) build *.egg-info sema/_C*.so
