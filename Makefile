@@ -13,7 +13,7 @@ $(STAMP): pyproject.toml setup.py
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet "torch==$(TORCH_VERSION)" "triton==$(TRITON_VERSION)" numpy "pytest>=8" "ruff==0.14.0" \
-		"setuptools>=69" wheel "pybind11>=2.12" ninja
+		"setuptools>=69" wheel "pybind11>=2.12"
 	touch $(STAMP)
 
 # Builds the optional extension in place (setup.py prints why it skips a part).

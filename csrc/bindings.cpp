@@ -1,0 +1,367 @@
+// pybind11 module sema._C: raw pointers (uintptr_t) + element counts + dtype codes, and a
+// thread count (CPU) or a device index and stream handle (CUDA). No torch headers: the module
+// builds on any machine with a C++ compiler and pybind11.
+//
+// Every check that protects memory runs here, before a pointer is touched, even though the
+// Python side (sema/_ext_cpu.py, sema/_ext_cuda.py) checked the tensors already: a bad pointer
+// is a crash, not an exception. Failed checks raise ValueError naming the op and argument.
+
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <cstdint>
+#include <limits>
+#include <sstream>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+namespace py = pybind11;
+
+// The kernels, in ema_cpu.cpp (compiled once per instruction set) and ema_cuda.cu. The
+// declarations are repeated here instead of in a header; a mismatch fails at link time
+// because C++ names carry their parameter types.
+namespace sema {
+namespace cpu_baseline {
+void ema_update(void* ema, void* param, int64_t n, int ema_dtype, int param_dtype, float w, bool switch_param,
+                int num_threads);
+void switch_param(const void* ema, void* param, int64_t n, int ema_dtype, int param_dtype, int num_threads);
+void swap(void* ema, void* param, int64_t n, int ema_dtype, int param_dtype, bool restore, int num_threads);
+}  // namespace cpu_baseline
+#ifdef SEMA_WITH_AVX2
+namespace cpu_avx2 {
+void ema_update(void* ema, void* param, int64_t n, int ema_dtype, int param_dtype, float w, bool switch_param,
+                int num_threads);
+void switch_param(const void* ema, void* param, int64_t n, int ema_dtype, int param_dtype, int num_threads);
+void swap(void* ema, void* param, int64_t n, int ema_dtype, int param_dtype, bool restore, int num_threads);
+}  // namespace cpu_avx2
+#endif
+#ifdef SEMA_WITH_CUDA
+namespace cuda {
+void ema_update(uintptr_t ema, uintptr_t param, int64_t n, int ema_dtype, int param_dtype, float w_value,
+                uintptr_t w_ptr, bool switch_param, int device, uintptr_t stream);
+void ema_update_multi(const std::vector<uintptr_t>& emas, const std::vector<uintptr_t>& params,
+                      const std::vector<int64_t>& numels, const std::vector<int>& ema_dtypes,
+                      const std::vector<int>& param_dtypes, float w_value, uintptr_t w_ptr, bool switch_param,
+                      int device, uintptr_t stream);
+void switch_param(uintptr_t ema, uintptr_t param, int64_t n, int ema_dtype, int param_dtype, int device,
+                  uintptr_t stream);
+void swap(uintptr_t ema, uintptr_t param, int64_t n, int ema_dtype, int param_dtype, bool restore, int device,
+          uintptr_t stream);
+std::string probe(int device);
+std::string compiled_archs();
+int ptx_arch();
+std::string nvcc_version();
+int runtime_version();
+int driver_version();
+}  // namespace cuda
+#endif
+}  // namespace sema
+
+namespace {
+
+// Bumped whenever a signature below changes, so that a stale build is reported, not called.
+constexpr int kInterfaceVersion = 1;
+
+constexpr int kFloat32 = 0;
+constexpr int kBFloat16 = 1;
+constexpr int kFloat16 = 2;
+
+#ifndef SEMA_VERSION
+#define SEMA_VERSION "unknown"
+#endif
+
+template <typename... Parts>
+std::string concat(const Parts&... parts) {
+  std::ostringstream out;
+  (out << ... << parts);
+  return out.str();
+}
+
+#define SEMA_CHECK(op, condition, ...)                                              \
+  do {                                                                              \
+    if (!(condition)) throw std::invalid_argument(concat("sema._C.", op, ": ", __VA_ARGS__)); \
+  } while (0)
+
+#define SEMA_CHECK_DTYPE(op, name, code)                                                                        \
+  SEMA_CHECK(op, (code) == kFloat32 || (code) == kBFloat16 || (code) == kFloat16, name, " dtype code ", code, \
+             " is not 0 (float32), 1 (bfloat16) or 2 (float16)")
+
+#define SEMA_CHECK_DTYPE_PAIR(op, ema_dtype, param_dtype)                                                 \
+  SEMA_CHECK(op, (ema_dtype) == kFloat32 || (ema_dtype) == (param_dtype), "ema dtype code ", ema_dtype, \
+             " does not fit param dtype code ", param_dtype, "; the EMA must be float32 or the param dtype")
+
+#define SEMA_CHECK_BUFFER(op, name, ptr, numel, element_size)                                                     \
+  SEMA_CHECK(op, (numel) == 0 || (ptr) != 0, name, " is a null pointer");                                         \
+  SEMA_CHECK(op, (ptr) % (element_size) == 0, name, " address ", ptr, " is not aligned to its ", element_size,   \
+             "-byte elements");                                                                                   \
+  SEMA_CHECK(op, (ptr) <= std::numeric_limits<uintptr_t>::max() - static_cast<uintptr_t>(numel) * (element_size), \
+             name, " address range wraps around")
+
+#define SEMA_CHECK_DISJOINT(op, a, a_bytes, b, b_bytes) \
+  SEMA_CHECK(op, (a_bytes) == 0 || (b_bytes) == 0 || (a) + (a_bytes) <= (b) || (b) + (b_bytes) <= (a), \
+             "ema and param share memory; they must be separate buffers")
+
+int element_size(int code) { return code == kFloat32 ? 4 : 2; }
+
+// The checks every pair of buffers passes before any kernel sees it.
+void check_pair(const char* op, uintptr_t ema, uintptr_t param, int64_t numel, int ema_dtype, int param_dtype) {
+  SEMA_CHECK_DTYPE(op, "ema", ema_dtype);
+  SEMA_CHECK_DTYPE(op, "param", param_dtype);
+  SEMA_CHECK_DTYPE_PAIR(op, ema_dtype, param_dtype);
+  SEMA_CHECK(op, numel >= 0, "numel ", numel, " is negative");
+  SEMA_CHECK(op, numel <= std::numeric_limits<int64_t>::max() / 8, "numel ", numel, " is too large");
+  const uintptr_t ema_bytes = static_cast<uintptr_t>(numel) * element_size(ema_dtype);
+  const uintptr_t param_bytes = static_cast<uintptr_t>(numel) * element_size(param_dtype);
+  SEMA_CHECK_BUFFER(op, "ema", ema, numel, static_cast<uintptr_t>(element_size(ema_dtype)));
+  SEMA_CHECK_BUFFER(op, "param", param, numel, static_cast<uintptr_t>(element_size(param_dtype)));
+  SEMA_CHECK_DISJOINT(op, ema, ema_bytes, param, param_bytes);
+}
+
+void check_swap_dtypes(const char* op, int ema_dtype, int param_dtype) {
+  SEMA_CHECK(op, ema_dtype == param_dtype || param_dtype == kBFloat16,
+             "no lossless in-place swap between a float32 EMA and float16 params");
+}
+
+// --- CPU ------------------------------------------------------------------------------------
+
+enum class CpuIsa { kBaseline, kAvx2 };
+
+bool cpu_supports_avx2() {
+#if defined(SEMA_WITH_AVX2) && (defined(__x86_64__) || defined(__i386__))
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
+#else
+  return false;
+#endif
+}
+
+CpuIsa g_cpu_isa = cpu_supports_avx2() ? CpuIsa::kAvx2 : CpuIsa::kBaseline;
+
+const char* isa_name(CpuIsa isa) { return isa == CpuIsa::kAvx2 ? "avx2" : "baseline"; }
+
+std::string cpu_isa() { return isa_name(g_cpu_isa); }
+
+// Chooses the CPU kernels: "avx2" (AVX2 + FMA + F16C; fp32 lerp with fma, as PyTorch's AVX2
+// and AVX-512 kernels) or "baseline" (x86-64 SSE2; lerp without fma, as PyTorch's DEFAULT
+// kernels). Returns the previous choice.
+std::string set_cpu_isa(const std::string& name) {
+  const std::string previous = cpu_isa();
+  if (name == "baseline") {
+    g_cpu_isa = CpuIsa::kBaseline;
+  } else if (name == "avx2") {
+    SEMA_CHECK("set_cpu_isa", cpu_supports_avx2(), "this CPU or build has no AVX2 + FMA + F16C kernels");
+    g_cpu_isa = CpuIsa::kAvx2;
+  } else {
+    SEMA_CHECK("set_cpu_isa", false, "unknown instruction set '", name, "'; use 'avx2' or 'baseline'");
+  }
+  return previous;
+}
+
+void check_threads(const char* op, int num_threads) {
+  SEMA_CHECK(op, num_threads >= 1, "num_threads ", num_threads, " must be >= 1");
+}
+
+void cpu_ema_update(uintptr_t ema, uintptr_t param, int64_t numel, int ema_dtype, int param_dtype, float w,
+                    bool switch_param, int num_threads) {
+  const char* op = "cpu_ema_update";
+  check_pair(op, ema, param, numel, ema_dtype, param_dtype);
+  check_threads(op, num_threads);
+  auto* e = reinterpret_cast<void*>(ema);
+  auto* p = reinterpret_cast<void*>(param);
+#ifdef SEMA_WITH_AVX2
+  if (g_cpu_isa == CpuIsa::kAvx2) {
+    sema::cpu_avx2::ema_update(e, p, numel, ema_dtype, param_dtype, w, switch_param, num_threads);
+    return;
+  }
+#endif
+  sema::cpu_baseline::ema_update(e, p, numel, ema_dtype, param_dtype, w, switch_param, num_threads);
+}
+
+void cpu_ema_update_multi(const std::vector<uintptr_t>& emas, const std::vector<uintptr_t>& params,
+                          const std::vector<int64_t>& numels, const std::vector<int>& ema_dtypes,
+                          const std::vector<int>& param_dtypes, float w, bool switch_param, int num_threads) {
+  const char* op = "cpu_ema_update_multi";
+  const size_t count = emas.size();
+  SEMA_CHECK(op, params.size() == count && numels.size() == count && ema_dtypes.size() == count &&
+                     param_dtypes.size() == count,
+             "the five lists must have one entry per tensor pair");
+  for (size_t i = 0; i < count; ++i) check_pair(op, emas[i], params[i], numels[i], ema_dtypes[i], param_dtypes[i]);
+  check_threads(op, num_threads);
+  for (size_t i = 0; i < count; ++i) {
+    cpu_ema_update(emas[i], params[i], numels[i], ema_dtypes[i], param_dtypes[i], w, switch_param, num_threads);
+  }
+}
+
+void cpu_switch(uintptr_t ema, uintptr_t param, int64_t numel, int ema_dtype, int param_dtype, int num_threads) {
+  const char* op = "cpu_switch";
+  check_pair(op, ema, param, numel, ema_dtype, param_dtype);
+  check_threads(op, num_threads);
+  const auto* e = reinterpret_cast<const void*>(ema);
+  auto* p = reinterpret_cast<void*>(param);
+#ifdef SEMA_WITH_AVX2
+  if (g_cpu_isa == CpuIsa::kAvx2) {
+    sema::cpu_avx2::switch_param(e, p, numel, ema_dtype, param_dtype, num_threads);
+    return;
+  }
+#endif
+  sema::cpu_baseline::switch_param(e, p, numel, ema_dtype, param_dtype, num_threads);
+}
+
+void cpu_swap(uintptr_t ema, uintptr_t param, int64_t numel, int ema_dtype, int param_dtype, bool restore,
+              int num_threads) {
+  const char* op = "cpu_swap";
+  check_pair(op, ema, param, numel, ema_dtype, param_dtype);
+  check_swap_dtypes(op, ema_dtype, param_dtype);
+  check_threads(op, num_threads);
+  auto* e = reinterpret_cast<void*>(ema);
+  auto* p = reinterpret_cast<void*>(param);
+#ifdef SEMA_WITH_AVX2
+  if (g_cpu_isa == CpuIsa::kAvx2) {
+    sema::cpu_avx2::swap(e, p, numel, ema_dtype, param_dtype, restore, num_threads);
+    return;
+  }
+#endif
+  sema::cpu_baseline::swap(e, p, numel, ema_dtype, param_dtype, restore, num_threads);
+}
+
+// --- CUDA -----------------------------------------------------------------------------------
+
+#ifdef SEMA_WITH_CUDA
+void check_device(const char* op, int device) { SEMA_CHECK(op, device >= 0, "device index ", device, " is negative"); }
+
+void check_weight_pointer(const char* op, uintptr_t w_ptr) {
+  SEMA_CHECK(op, w_ptr % 4 == 0, "w pointer ", w_ptr, " is not aligned to 4 bytes");
+}
+
+void cuda_ema_update(uintptr_t ema, uintptr_t param, int64_t numel, int ema_dtype, int param_dtype, float w_value,
+                     uintptr_t w_ptr, bool switch_param, int device, uintptr_t stream) {
+  const char* op = "cuda_ema_update";
+  check_pair(op, ema, param, numel, ema_dtype, param_dtype);
+  check_weight_pointer(op, w_ptr);
+  check_device(op, device);
+  sema::cuda::ema_update(ema, param, numel, ema_dtype, param_dtype, w_value, w_ptr, switch_param, device, stream);
+}
+
+void cuda_ema_update_multi(const std::vector<uintptr_t>& emas, const std::vector<uintptr_t>& params,
+                           const std::vector<int64_t>& numels, const std::vector<int>& ema_dtypes,
+                           const std::vector<int>& param_dtypes, float w_value, uintptr_t w_ptr, bool switch_param,
+                           int device, uintptr_t stream) {
+  const char* op = "cuda_ema_update_multi";
+  const size_t count = emas.size();
+  SEMA_CHECK(op, params.size() == count && numels.size() == count && ema_dtypes.size() == count &&
+                     param_dtypes.size() == count,
+             "the five lists must have one entry per tensor pair");
+  for (size_t i = 0; i < count; ++i) check_pair(op, emas[i], params[i], numels[i], ema_dtypes[i], param_dtypes[i]);
+  check_weight_pointer(op, w_ptr);
+  check_device(op, device);
+  sema::cuda::ema_update_multi(emas, params, numels, ema_dtypes, param_dtypes, w_value, w_ptr, switch_param, device,
+                               stream);
+}
+
+void cuda_switch(uintptr_t ema, uintptr_t param, int64_t numel, int ema_dtype, int param_dtype, int device,
+                 uintptr_t stream) {
+  const char* op = "cuda_switch";
+  check_pair(op, ema, param, numel, ema_dtype, param_dtype);
+  check_device(op, device);
+  sema::cuda::switch_param(ema, param, numel, ema_dtype, param_dtype, device, stream);
+}
+
+void cuda_swap(uintptr_t ema, uintptr_t param, int64_t numel, int ema_dtype, int param_dtype, bool restore,
+               int device, uintptr_t stream) {
+  const char* op = "cuda_swap";
+  check_pair(op, ema, param, numel, ema_dtype, param_dtype);
+  check_swap_dtypes(op, ema_dtype, param_dtype);
+  check_device(op, device);
+  sema::cuda::swap(ema, param, numel, ema_dtype, param_dtype, restore, device, stream);
+}
+#endif
+
+std::string host_compiler() {
+#if defined(__clang__)
+  return concat("clang ", __clang_major__, ".", __clang_minor__, ".", __clang_patchlevel__);
+#elif defined(__GNUC__)
+  return concat("gcc ", __GNUC__, ".", __GNUC_MINOR__, ".", __GNUC_PATCHLEVEL__);
+#else
+  return "unknown";
+#endif
+}
+
+py::dict build_info() {
+  py::dict info;
+  info["version"] = SEMA_VERSION;
+  info["interface_version"] = kInterfaceVersion;
+  info["compiler"] = host_compiler();
+#ifdef _OPENMP
+  info["openmp"] = _OPENMP;
+#else
+  info["openmp"] = py::none();
+#endif
+#ifdef SEMA_WITH_AVX2
+  info["cpu_kernels"] = py::make_tuple("baseline", "avx2");
+#else
+  info["cpu_kernels"] = py::make_tuple("baseline");
+#endif
+  info["cpu_isa"] = cpu_isa();
+#ifdef SEMA_WITH_CUDA
+  info["cuda"] = true;
+  info["nvcc"] = sema::cuda::nvcc_version();
+  py::list archs;
+  std::stringstream list(sema::cuda::compiled_archs());  // "800,900": nvcc's __CUDA_ARCH_LIST__
+  for (std::string arch; std::getline(list, arch, ',');) archs.append(concat("sm_", std::stoi(arch) / 10));
+  info["cuda_archs"] = archs;
+  info["cuda_ptx"] = sema::cuda::ptx_arch() ? py::object(py::str(concat("compute_", sema::cuda::ptx_arch())))
+                                            : py::object(py::none());
+  info["cuda_runtime"] = sema::cuda::runtime_version();
+  info["cuda_skipped"] = py::none();
+#else
+  info["cuda"] = false;
+  info["cuda_archs"] = py::list();
+#ifdef SEMA_CUDA_SKIPPED
+  info["cuda_skipped"] = SEMA_CUDA_SKIPPED;  // a string literal from setup.py
+#else
+  info["cuda_skipped"] = "not requested";
+#endif
+#endif
+  return info;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "sema's compiled kernels (raw pointers; call them through sema.ops, which checks the tensors)";
+  m.attr("INTERFACE_VERSION") = kInterfaceVersion;
+  m.attr("FLOAT32") = kFloat32;
+  m.attr("BFLOAT16") = kBFloat16;
+  m.attr("FLOAT16") = kFloat16;
+  m.def("build_info", &build_info, "Build metadata: version, compiler, CPU kernels, CUDA archs.");
+  m.def("cpu_isa", &cpu_isa, "The CPU kernels in use: 'avx2' or 'baseline'.");
+  m.def("set_cpu_isa", &set_cpu_isa, py::arg("name"), "Choose 'avx2' or 'baseline' CPU kernels; returns the previous.");
+
+  const auto release = py::call_guard<py::gil_scoped_release>();
+  m.def("cpu_ema_update", &cpu_ema_update, py::arg("ema_ptr"), py::arg("param_ptr"), py::arg("numel"),
+        py::arg("ema_dtype"), py::arg("param_dtype"), py::arg("w"), py::arg("switch_param"), py::arg("num_threads"),
+        release);
+  m.def("cpu_ema_update_multi", &cpu_ema_update_multi, py::arg("ema_ptrs"), py::arg("param_ptrs"), py::arg("numels"),
+        py::arg("ema_dtypes"), py::arg("param_dtypes"), py::arg("w"), py::arg("switch_param"), py::arg("num_threads"),
+        release);
+  m.def("cpu_switch", &cpu_switch, py::arg("ema_ptr"), py::arg("param_ptr"), py::arg("numel"), py::arg("ema_dtype"),
+        py::arg("param_dtype"), py::arg("num_threads"), release);
+  m.def("cpu_swap", &cpu_swap, py::arg("ema_ptr"), py::arg("param_ptr"), py::arg("numel"), py::arg("ema_dtype"),
+        py::arg("param_dtype"), py::arg("restore"), py::arg("num_threads"), release);
+#ifdef SEMA_WITH_CUDA
+  m.def("cuda_ema_update", &cuda_ema_update, py::arg("ema_ptr"), py::arg("param_ptr"), py::arg("numel"),
+        py::arg("ema_dtype"), py::arg("param_dtype"), py::arg("w_value"), py::arg("w_ptr"), py::arg("switch_param"),
+        py::arg("device"), py::arg("stream"), release);
+  m.def("cuda_ema_update_multi", &cuda_ema_update_multi, py::arg("ema_ptrs"), py::arg("param_ptrs"),
+        py::arg("numels"), py::arg("ema_dtypes"), py::arg("param_dtypes"), py::arg("w_value"), py::arg("w_ptr"),
+        py::arg("switch_param"), py::arg("device"), py::arg("stream"), release);
+  m.def("cuda_switch", &cuda_switch, py::arg("ema_ptr"), py::arg("param_ptr"), py::arg("numel"), py::arg("ema_dtype"),
+        py::arg("param_dtype"), py::arg("device"), py::arg("stream"), release);
+  m.def("cuda_swap", &cuda_swap, py::arg("ema_ptr"), py::arg("param_ptr"), py::arg("numel"), py::arg("ema_dtype"),
+        py::arg("param_dtype"), py::arg("restore"), py::arg("device"), py::arg("stream"), release);
+  m.def("cuda_probe", &sema::cuda::probe, py::arg("device"),
+        "'' when the CUDA kernels can run on the device, else the reason they cannot.", release);
+  m.def("cuda_driver_version", &sema::cuda::driver_version, "cudaDriverGetVersion(), 0 without a driver.");
+#endif
+}

@@ -1,0 +1,98 @@
+"""The ``cpp`` backend: the kernel contract on CPU tensors, through the compiled ``sema._C``.
+
+One pass over each buffer with OpenMP threads (``torch.get_num_threads()`` of them) and
+vectorised loops; AVX2 + FMA + F16C kernels where the CPU has them, baseline x86-64 ones
+elsewhere. The fp32 lerp rounds exactly as ``torch.lerp`` on the same machine: with fma where
+PyTorch's CPU capability is AVX2 or better, without where it is DEFAULT. Casts round to nearest
+even as ``Tensor.to`` does (a NaN stays a NaN; its payload bits may differ).
+
+Every tensor is checked again here (device, dtype, layout, length, overlap) before its address
+goes to C++: a wrong pointer there is a crash, not an exception.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from sema import _extension
+from sema._extension import check_pair, check_swap_dtypes, flat_pairs
+
+_C = _extension.extension
+
+if _C is not None and torch.backends.cpu.get_cpu_capability() == "DEFAULT":
+    # PyTorch runs its baseline kernels (no fma; e.g. ATEN_CPU_CAPABILITY=default): so do we,
+    # which keeps fp32 updates bit-identical to torch.lerp_.
+    _C.set_cpu_isa("baseline")
+
+
+def availability(device_type: str) -> tuple[bool, str]:
+    if device_type != "cpu":
+        return False, f"serves CPU tensors, not {device_type}"
+    if _C is None:
+        return False, _extension.load_error
+    return True, _extension.describe()
+
+
+def _weight(op: str, w: float | Tensor) -> float:
+    if isinstance(w, Tensor):
+        if w.device.type != "cpu" or w.numel() != 1 or not w.is_floating_point():
+            raise ValueError(
+                f"{op}: w as a tensor must be one float on the CPU, got {w.dtype} {tuple(w.shape)} on {w.device}"
+            )
+        return float(w)  # a CPU tensor: no device sync
+    return float(w)
+
+
+def ema_update_(ema: Tensor, param: Tensor, w: float | Tensor, switch: bool = False) -> None:
+    """``ema <- lerp(ema, param, w)`` in fp32; with ``switch``, then ``param <- cast(ema)``."""
+    op = "sema cpp ema_update_"
+    ema_dtype, param_dtype = check_pair(op, ema, param, "cpu")
+    weight = _weight(op, w)
+    _C.cpu_ema_update(
+        ema.data_ptr(),
+        param.data_ptr(),
+        ema.numel(),
+        ema_dtype,
+        param_dtype,
+        weight,
+        bool(switch),
+        torch.get_num_threads(),
+    )
+
+
+def switch_(ema: Tensor, param: Tensor) -> None:
+    """``param <- cast(ema)``, rounding to nearest even."""
+    ema_dtype, param_dtype = check_pair("sema cpp switch_", ema, param, "cpu")
+    _C.cpu_switch(ema.data_ptr(), param.data_ptr(), ema.numel(), ema_dtype, param_dtype, torch.get_num_threads())
+
+
+def swap_(ema: Tensor, param: Tensor, restore: bool = False) -> None:
+    """Bit exchange for equal dtypes; the lossless fp32/bf16 packing otherwise (see DESIGN.md)."""
+    op = "sema cpp swap_"
+    ema_dtype, param_dtype = check_pair(op, ema, param, "cpu")
+    check_swap_dtypes(op, ema, param)
+    _C.cpu_swap(
+        ema.data_ptr(), param.data_ptr(), ema.numel(), ema_dtype, param_dtype, bool(restore), torch.get_num_threads()
+    )
+
+
+def ema_update_multi_(
+    emas: Sequence[Tensor], params: Sequence[Tensor], w: float | Tensor, switch: bool = False
+) -> None:
+    """:func:`ema_update_` over pairs of dense tensors of any shape, in one call into C++."""
+    op = "sema cpp ema_update_multi_"
+    flat_emas, flat_params, ema_codes, param_codes = flat_pairs(op, emas, params, "cpu")
+    weight = _weight(op, w)
+    _C.cpu_ema_update_multi(
+        [e.data_ptr() for e in flat_emas],
+        [p.data_ptr() for p in flat_params],
+        [e.numel() for e in flat_emas],
+        ema_codes,
+        param_codes,
+        weight,
+        bool(switch),
+        torch.get_num_threads(),
+    )

@@ -1,0 +1,506 @@
+"""The ``cpp`` backend (sema._C on the CPU) against the reference backend and an fp64 computation.
+
+Tolerances: the kernels round exactly as PyTorch does on the same machine, so the main check is
+bit equality with the ``torch`` backend (NaN compared as NaN: its payload is not specified),
+step after step; every step is also held to the fp64 bound of ``conftest.update_bound`` so that
+a reference and a kernel wrong the same way still fail. The baseline (non-AVX2) kernels are
+compared bit for bit with the same formula evaluated op by op in numpy float32.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+import pytest
+import torch
+from conftest import (
+    DTYPE_PAIRS,
+    assert_bits_equal,
+    assert_within,
+    fp32_weight,
+    pair_id,
+    poisoned,
+    random_values,
+    update_bound,
+)
+
+import sema
+from sema import _extension, reference
+
+CPP_AVAILABLE, CPP_REASON = sema.available_backends("cpu")["cpp"]
+pytestmark = pytest.mark.skipif(not CPP_AVAILABLE, reason=f"backend 'cpp' unavailable: {CPP_REASON}")
+
+SIZES = [0, 1, 15, 17, 4097, 2**20 + 3]
+WEIGHTS = [0.0, 1e-4, 0.5, 1.0]
+STEPS = 50
+BIG_STEPS = 3  # 2**20 + 3 elements (the parallel path): a few steps keep the module fast
+SWAP_PAIRS = [pair for pair in DTYPE_PAIRS if pair != (torch.float16, torch.float32)]
+BITS = {4: torch.int32, 2: torch.int16}
+
+
+def size_id(n: int) -> str:
+    return f"n{n}"
+
+
+def cpu_isa() -> str:
+    return _extension.extension.cpu_isa()
+
+
+def bitwise_like_torch() -> bool:
+    """Whether the kernels in use round as this process's torch.lerp_ (fma on AVX2 and up)."""
+    torch_uses_fma = torch.backends.cpu.get_cpu_capability() != "DEFAULT"
+    return torch_uses_fma == (cpu_isa() == "avx2")
+
+
+def assert_same(actual: torch.Tensor, expected: torch.Tensor, what: str) -> None:
+    """Bit equality, except that a NaN only has to be a NaN."""
+    int_type = BITS[actual.element_size()]
+    if actual.dtype == expected.dtype and torch.equal(actual.view(int_type), expected.view(int_type)):
+        return
+    nan = torch.isnan(expected)
+    if not torch.equal(torch.isnan(actual), nan):
+        idx = int((torch.isnan(actual) != nan).nonzero()[0])
+        raise AssertionError(f"{what}: NaN where none is expected or the reverse, first at {idx}: {actual[idx]!r}")
+    assert_bits_equal(actual.masked_fill(nan, 0), expected.masked_fill(nan, 0), what)
+
+
+def cpp_update(ema: torch.Tensor, param: torch.Tensor, w: float | torch.Tensor, switch: bool) -> None:
+    sema.ops.ema_update_(ema, param, w, switch=switch, backend="cpp")
+
+
+def check_update_trajectory(
+    update: Callable[..., None],
+    param_dtype: torch.dtype,
+    ema_dtype: torch.dtype,
+    n: int,
+    w: float,
+    w_as_tensor: bool,
+    switch: bool,
+    steps: int,
+    generator: torch.Generator,
+) -> None:
+    """``steps`` updates with fresh random params, each compared with the reference backend
+    (bit for bit) and with fp64 (bounded)."""
+    ema = random_values(n, ema_dtype, generator)
+    expected_ema = ema.clone()
+    weight = torch.tensor(w, dtype=torch.float32) if w_as_tensor else w
+    w64 = fp32_weight(w)
+    for step in range(steps):
+        param = random_values(n, param_dtype, generator)
+        expected_param = param.clone()
+        e64, p64 = ema.double(), param.double()
+        update(ema, param, weight, switch)
+        reference.ema_update_(expected_ema, expected_param, weight, switch)
+        what = f"step {step}"
+        if bitwise_like_torch():
+            assert_same(ema, expected_ema, f"{what}: ema vs the torch backend")
+            assert_same(param, expected_param, f"{what}: param vs the torch backend")
+        exact = torch.lerp(e64, p64, w64)
+        assert_within(ema, exact, update_bound(e64, p64, exact, ema_dtype), f"{what}: ema vs fp64")
+        if switch:
+            assert_same(param, ema.to(param_dtype), f"{what}: the switched param must be the cast EMA")
+        else:
+            assert_bits_equal(param, expected_param, f"{what}: param must not change without switch")
+        expected_ema.copy_(ema)  # the next step starts from the same state on both sides
+
+
+# --- updates ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("switch", [False, True], ids=["update", "update_switch"])
+@pytest.mark.parametrize("w_as_tensor", [False, True], ids=["w_float", "w_tensor"])
+@pytest.mark.parametrize(
+    ("n", "w"),
+    # w = 0 and w = 1 take no size-dependent path: the big size runs with the two branches of the lerp
+    [(n, w) for n in SIZES for w in WEIGHTS if n < 2**20 or w in (1e-4, 0.5)],
+    ids=lambda v: f"n{v}" if isinstance(v, int) else f"w{v}",
+)
+@pytest.mark.parametrize("pair", DTYPE_PAIRS, ids=pair_id)
+def test_update_matches_reference_and_fp64(pair, n, w, w_as_tensor, switch, generator):
+    steps = STEPS if n < 2**20 else BIG_STEPS
+    check_update_trajectory(cpp_update, *pair, n, w, w_as_tensor, switch, steps, generator)
+
+
+@pytest.mark.parametrize("w", [1e-4, 0.3, 0.7, 1.0], ids=lambda w: f"w{w}")
+@pytest.mark.parametrize("n", [17, 4097, 2**20 + 3], ids=size_id)
+@pytest.mark.parametrize("pair", DTYPE_PAIRS, ids=pair_id)
+def test_baseline_kernels_round_without_fma(pair, n, w, generator):
+    """The baseline kernels compute base + coeff * (p - e) with a rounding per op (PyTorch's
+    DEFAULT capability), the same in numpy float32; then the store rounds to nearest even."""
+    param_dtype, ema_dtype = pair
+    ema, param = random_values(n, ema_dtype, generator), random_values(n, param_dtype, generator)
+    e32, p32 = ema.float().numpy(), param.float().numpy()
+    weight = np.float32(w)
+    coeff, base = (weight, e32) if weight < 0.5 else (weight - np.float32(1), p32)
+    expected = torch.from_numpy(base + coeff * (p32 - e32)).to(ema_dtype)
+    previous = _extension.extension.set_cpu_isa("baseline")
+    try:
+        sema.ops.ema_update_(ema, param, w, switch=True, backend="cpp")
+    finally:
+        _extension.extension.set_cpu_isa(previous)
+    assert_same(ema, expected, "baseline ema vs numpy float32")
+    assert_same(param, expected.to(param_dtype), "baseline switched param")
+
+
+def test_thread_count_does_not_change_results(generator):
+    n = 2**20 + 3
+    ema, param = random_values(n, torch.float32, generator), random_values(n, torch.bfloat16, generator)
+    results = []
+    threads = torch.get_num_threads()
+    try:
+        for count in (1, 2, 3):
+            torch.set_num_threads(count)
+            e, p = ema.clone(), param.clone()
+            sema.ops.ema_update_(e, p, 1e-3, switch=True, backend="cpp")
+            results.append((e, p))
+    finally:
+        torch.set_num_threads(threads)
+    for e, p in results[1:]:
+        assert_bits_equal(e, results[0][0], "ema with another thread count")
+        assert_bits_equal(p, results[0][1], "param with another thread count")
+
+
+@pytest.mark.parametrize("switch", [False, True], ids=["update", "update_switch"])
+def test_multi_matches_reference(switch, generator):
+    """Pairs of several shapes and dtypes, some in a channels-last (dense, non-contiguous) layout."""
+    pairs = [
+        (torch.float32, torch.float32, (3, 5)),
+        (torch.bfloat16, torch.float32, (4, 3, 2, 2)),
+        (torch.float16, torch.float32, (0,)),
+        (torch.bfloat16, torch.bfloat16, (70_000,)),
+        (torch.float16, torch.float16, (2, 8, 3, 3)),
+        (torch.float32, torch.float32, (1,)),
+    ]
+    emas, params = [], []
+    for param_dtype, ema_dtype, shape in pairs:
+        n = int(np.prod(shape))
+        e, p = random_values(n, ema_dtype, generator).view(shape), random_values(n, param_dtype, generator).view(shape)
+        if len(shape) == 4:
+            e, p = e.to(memory_format=torch.channels_last), p.to(memory_format=torch.channels_last)
+        emas.append(e)
+        params.append(p)
+    # The op is elementwise, so logical-order copies give the expected values in any layout.
+    before = [
+        (e.contiguous().view(-1).clone(), p.contiguous().view(-1).clone()) for e, p in zip(emas, params, strict=True)
+    ]
+    w = torch.tensor(3e-3)
+    sema.ops.ema_update_multi_(emas, params, w, switch=switch, backend="cpp")
+    for i, (e, p) in enumerate(before):
+        e64, p64 = e.double(), p.double()
+        exact = torch.lerp(e64, p64, fp32_weight(3e-3))
+        reference.ema_update_(e, p, w, switch)
+        actual_e, actual_p = emas[i].contiguous().view(-1), params[i].contiguous().view(-1)
+        assert_within(actual_e, exact, update_bound(e64, p64, exact, e.dtype), f"multi pair {i} ema vs fp64")
+        if bitwise_like_torch():
+            assert_same(actual_e, e, f"multi pair {i} ema vs the torch backend")
+        assert_same(actual_p, actual_e.to(p.dtype) if switch else p, f"multi pair {i} param")
+
+
+# --- casts --------------------------------------------------------------------------------
+
+
+def special_fp32(generator: torch.Generator) -> torch.Tensor:
+    """Values where a cast to bf16/fp16 goes wrong first, then a million random bit patterns
+    (every class of fp32: NaN payloads, subnormals, huge, tiny)."""
+    bf16_ulp, fp16_ulp = 2.0**-7, 2.0**-10
+    values = [
+        float("nan"),
+        -float("nan"),
+        float("inf"),
+        -float("inf"),
+        0.0,
+        -0.0,
+        1.0,
+        -1.0,
+        1 + bf16_ulp / 2,
+        1 + 3 * bf16_ulp / 2,
+        -(1 + bf16_ulp / 2),
+        1 + bf16_ulp / 2 + 2.0**-23,  # bf16 ties
+        1 + fp16_ulp / 2,
+        1 + 3 * fp16_ulp / 2,
+        2049.0,
+        2051.0,  # fp16 ties
+        65504.0,
+        65519.996,
+        65520.0,
+        -65520.0,
+        1e10,
+        3.4028234e38,  # fp16 max, round to Inf, overflow
+        2.0**-24,
+        2.0**-25,
+        3 * 2.0**-26,
+        2.0**-25 * (1 + 2.0**-20),
+        2.0**-14,
+        2.0**-14 - 2.0**-24,  # fp16 subnormals
+        1e-45,
+        -1e-45,
+        1.1754942e-38,
+        1.1754944e-38,
+        3.3895e38,  # fp32 subnormals and bf16 overflow
+    ]
+    specials = torch.tensor(values, dtype=torch.float32)
+    nan_bits = torch.tensor([0x7F800001, 0x7FC00001, 0x7FFFFFFF, -1, -4194305, 0x7F80FFFF], dtype=torch.int32)
+    random_bits = torch.randint(-(2**31), 2**31, (2**20,), dtype=torch.int32, generator=generator)
+    return torch.cat([specials, nan_bits.view(torch.float32), random_bits.view(torch.float32)])
+
+
+@pytest.mark.parametrize("isa", ["avx2", "baseline"])
+@pytest.mark.parametrize("param_dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_switch_cast_bit_equal_to_torch(param_dtype, isa, generator):
+    if isa not in _extension.build_info()["cpu_kernels"]:
+        pytest.skip(f"sema._C has no {isa} kernels on this machine")
+    source = special_fp32(generator)
+    for n in (source.numel(), 37):  # the vector loop and the scalar remainder
+        ema = source[:n].clone()
+        param = poisoned(n, param_dtype)
+        previous = _extension.extension.set_cpu_isa(isa)
+        try:
+            sema.ops.switch_(ema, param, backend="cpp")
+        finally:
+            _extension.extension.set_cpu_isa(previous)
+        assert_same(param, ema.to(param_dtype), f"{isa} cast of {n} fp32 values to {param_dtype}")
+
+
+@pytest.mark.parametrize("pair", DTYPE_PAIRS, ids=pair_id)
+def test_switch_matches_reference(pair, generator):
+    param_dtype, ema_dtype = pair
+    for n in SIZES:
+        ema = random_values(n, ema_dtype, generator)
+        param = poisoned(n, param_dtype)
+        sema.ops.switch_(ema, param, backend="cpp")
+        expected = poisoned(n, param_dtype)
+        reference.switch_(ema, expected)
+        assert_same(param, expected, f"switch_ n={n}")
+
+
+@pytest.mark.parametrize("param_dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_widening_loads_are_exact(param_dtype, generator):
+    """Every finite 16-bit value, widened to fp32 by the update with w = 1 (ema <- param)."""
+    bits = torch.arange(-(2**15), 2**15, dtype=torch.int32).to(torch.int16)
+    param = bits.view(param_dtype)
+    param = param[torch.isfinite(param)].clone()
+    ema = torch.zeros(param.numel())  # lerp(+0, p, 1) = p + 0 * (p - 0) keeps the sign of p = -0
+    sema.ops.ema_update_(ema, param, 1.0, backend="cpp")
+    assert_bits_equal(ema, param.float(), f"{param_dtype} -> fp32")
+
+
+# --- swaps --------------------------------------------------------------------------------
+
+
+def random_bits(n: int, dtype: torch.dtype, generator: torch.Generator) -> torch.Tensor:
+    """Random bit patterns with the extremes up front: NaN payloads, Inf, -0, subnormals."""
+    int_type = BITS[torch.empty((), dtype=dtype).element_size()]
+    info = torch.iinfo(int_type)
+    bits = torch.randint(info.min, info.max + 1, (n,), dtype=torch.int64, generator=generator).to(int_type)
+    extremes = torch.tensor([0, -1, info.min, info.max, 1, -2, info.max - 1, info.min + 1], dtype=torch.int64)
+    k = min(n, extremes.numel())
+    bits[:k] = extremes[:k].to(int_type)
+    return bits.view(dtype)
+
+
+@pytest.mark.parametrize("n", [*SIZES[:-1], 2**20 + 3], ids=size_id)
+@pytest.mark.parametrize("pair", SWAP_PAIRS, ids=pair_id)
+def test_swap_bit_exact_and_restores(pair, n, generator):
+    param_dtype, ema_dtype = pair
+    ema, param = random_bits(n, ema_dtype, generator), random_bits(n, param_dtype, generator)
+    original_ema, original_param = ema.clone(), param.clone()
+    expected_ema, expected_param = ema.clone(), param.clone()
+    sema.ops.swap_(ema, param, backend="cpp")
+    reference.swap_(expected_ema, expected_param)
+    assert_bits_equal(ema, expected_ema, "swapped ema vs the torch backend")
+    assert_bits_equal(param, expected_param, "swapped param vs the torch backend")
+    if ema_dtype != param_dtype:
+        # the param slot holds the EMA rounded half away from zero (DESIGN.md)
+        finite = torch.isfinite(original_ema) & torch.isfinite(param.float())
+        assert_within(
+            param.float()[finite],
+            original_ema.double()[finite],
+            original_ema.double()[finite].abs() * 2.0**-8 + 2.0**-133,  # relative, or a bf16 subnormal
+            "packed param vs the EMA",
+        )
+    sema.ops.swap_(ema, param, restore=True, backend="cpp")
+    assert_bits_equal(ema, original_ema, "ema after swap + restore")
+    assert_bits_equal(param, original_param, "param after swap + restore")
+
+
+def test_swap_refuses_fp16_params_with_fp32_ema():
+    ema, param = torch.zeros(8), torch.zeros(8, dtype=torch.float16)
+    with pytest.raises(TypeError, match="lossless"):
+        sema.ops.swap_(ema, param, backend="cpp")
+    with pytest.raises(TypeError, match="lossless"):
+        sema._ext_cpu.swap_(ema, param)
+    with pytest.raises(ValueError, match="lossless"):
+        _extension.extension.cpu_swap(ema.data_ptr(), param.data_ptr(), 8, 0, 2, False, 1)
+
+
+# --- negative controls: the checkers above must reject wrong kernels ----------------------
+
+
+def truncating_update(ema, param, w, switch):
+    """The right fp32 lerp, stored to bf16 by truncation instead of rounding to nearest even."""
+    wide = ema.float()
+    sema.ops.ema_update_(wide, param.float(), w, backend="cpp")
+    ema.view(torch.int16).copy_((wide.view(torch.int32) >> 16).to(torch.int16))
+    if switch:
+        param.copy_(ema)
+
+
+def tail_skipping_update(ema, param, w, switch):
+    """Right everywhere but the last element, which a vector loop without a remainder skips."""
+    if ema.numel() > 1:
+        sema.ops.ema_update_(ema[:-1], param[:-1], w, switch=switch, backend="cpp")
+
+
+def fma_mismatched_update(ema, param, w, switch):
+    """The other rounding of the lerp (fma vs separate ops): within fp64 bounds, yet not torch's."""
+    previous = _extension.extension.set_cpu_isa("baseline" if cpu_isa() == "avx2" else "avx2")
+    try:
+        sema.ops.ema_update_(ema, param, w, switch=switch, backend="cpp")
+    finally:
+        _extension.extension.set_cpu_isa(previous)
+
+
+@pytest.mark.parametrize(
+    ("wrong", "pair"),
+    [
+        (truncating_update, (torch.bfloat16, torch.bfloat16)),
+        (tail_skipping_update, (torch.float32, torch.float32)),
+        (fma_mismatched_update, (torch.float32, torch.float32)),
+    ],
+    ids=["truncating_store", "skipped_tail", "other_rounding"],
+)
+def test_checker_rejects_wrong_kernels(wrong, pair, generator):
+    if wrong is fma_mismatched_update and len(_extension.build_info()["cpu_kernels"]) < 2:
+        pytest.skip("one CPU kernel variant only: no other rounding to compare with")
+    if wrong is fma_mismatched_update and not bitwise_like_torch():
+        pytest.skip("the kernels in use do not round as torch here, so only the fp64 bound is checked")
+    with pytest.raises(AssertionError):
+        check_update_trajectory(wrong, *pair, 4097, 0.3, False, False, 3, generator)
+
+
+# --- input checks: raised in Python, before any pointer reaches C++ -----------------------
+
+
+class _Untouchable:
+    def __getattr__(self, name):
+        raise AssertionError(f"sema._C.{name} was reached with bad input")
+
+
+def _shared_buffer(first: slice, second: slice) -> tuple[torch.Tensor, torch.Tensor]:
+    buffer = torch.zeros(64)
+    return buffer[first], buffer[second]
+
+
+# name -> (ema, param) factory, the exception expected
+BAD_INPUTS = {
+    "int_dtype": (lambda: (torch.zeros(16, dtype=torch.int32), torch.zeros(16, dtype=torch.int32)), TypeError),
+    "fp64": (lambda: (torch.zeros(16, dtype=torch.float64), torch.zeros(16, dtype=torch.float64)), TypeError),
+    "bf16_ema_fp16_param": (
+        lambda: (torch.zeros(16, dtype=torch.bfloat16), torch.zeros(16, dtype=torch.float16)),
+        TypeError,
+    ),
+    "length": (lambda: (torch.zeros(16), torch.zeros(15)), ValueError),
+    "overlap": (lambda: _shared_buffer(slice(0, 32), slice(16, 48)), ValueError),
+    "same_buffer": (lambda: _shared_buffer(slice(0, 16), slice(0, 16)), ValueError),
+    "non_contiguous": (lambda: (torch.zeros(32)[::2], torch.zeros(16)), ValueError),
+    "2d": (lambda: (torch.zeros(4, 4), torch.zeros(4, 4)), ValueError),
+    "meta_device": (lambda: (torch.zeros(16, device="meta"), torch.zeros(16, device="meta")), ValueError),
+    "param_on_meta": (lambda: (torch.zeros(16), torch.zeros(16, device="meta")), ValueError),
+    "sparse": (lambda: (torch.zeros(16).to_sparse(), torch.zeros(16)), ValueError),
+    "not_a_tensor": (lambda: (np.zeros(16, dtype=np.float32), torch.zeros(16)), TypeError),
+}
+
+OPS = {
+    "ema_update_": lambda backend, ema, param: backend.ema_update_(ema, param, 0.1),
+    "switch_": lambda backend, ema, param: backend.switch_(ema, param),
+    "swap_": lambda backend, ema, param: backend.swap_(ema, param),
+    "ema_update_multi_": lambda backend, ema, param: backend.ema_update_multi_([ema], [param], 0.1),
+}
+
+
+@pytest.mark.parametrize(
+    ("op", "case"),
+    [
+        (op, case)
+        for op in OPS
+        for case in BAD_INPUTS
+        if not (op == "ema_update_multi_" and case in ("2d", "non_contiguous"))  # any dense shape is fine there
+    ],
+)
+def test_bad_input_raises_before_cpp(op, case, monkeypatch):
+    from sema import _ext_cpu
+
+    make, error = BAD_INPUTS[case]
+    ema, param = make()
+    monkeypatch.setattr(_ext_cpu, "_C", _Untouchable())
+    with pytest.raises(error):
+        OPS[op](_ext_cpu, ema, param)
+
+
+def test_bad_weight_and_lists_raise_before_cpp(monkeypatch):
+    from sema import _ext_cpu
+
+    monkeypatch.setattr(_ext_cpu, "_C", _Untouchable())
+    with pytest.raises(ValueError, match="w as a tensor"):
+        _ext_cpu.ema_update_(torch.zeros(4), torch.zeros(4), torch.zeros(2))
+    with pytest.raises(ValueError, match="w as a tensor"):
+        _ext_cpu.ema_update_(torch.zeros(4), torch.zeros(4), torch.zeros((), device="meta"))
+    strided = torch.zeros(8, 8)[:, ::2]
+    with pytest.raises(ValueError, match="not dense"):
+        _ext_cpu.ema_update_multi_([strided], [torch.zeros(8, 8)[:, ::2]], 0.1)
+    shared = torch.zeros(64)
+    with pytest.raises(ValueError, match="share memory"):
+        _ext_cpu.ema_update_multi_([shared[:16], shared[16:32]], [torch.zeros(16), shared[8:24]], 0.1)
+    with pytest.raises(ValueError, match="EMA tensors"):
+        _ext_cpu.ema_update_multi_([torch.zeros(4)], [], 0.1)
+
+
+# name -> arguments (ema_ptr, param_ptr, numel, ema_dtype, param_dtype) relative to a 16-element
+# fp32 ema ``e`` and bf16 param ``p``
+RAW_BAD_ARGUMENTS = {
+    "negative_numel": lambda e, p: (e, p, -1, 0, 1),
+    "null_pointer": lambda e, p: (0, p, 16, 0, 1),
+    "misaligned_ema": lambda e, p: (e + 2, p, 8, 0, 1),
+    "misaligned_param": lambda e, p: (e, p + 1, 8, 0, 1),
+    "bad_dtype_code": lambda e, p: (e, p, 16, 0, 7),
+    "bf16_ema_fp32_param": lambda e, p: (p, e, 16, 1, 0),
+    "overlap": lambda e, p: (e, e + 16, 8, 0, 1),
+    "wrapping_range": lambda e, p: (2**64 - 16, p, 16, 0, 1),
+}
+
+
+@pytest.mark.parametrize("case", RAW_BAD_ARGUMENTS)
+def test_cpp_checks_raw_arguments(case):
+    """The C++ side rejects what would be a wrong memory access, whatever Python passes."""
+    e, p = torch.zeros(16), torch.zeros(16, dtype=torch.bfloat16)
+    args = RAW_BAD_ARGUMENTS[case](e.data_ptr(), p.data_ptr())
+    with pytest.raises(ValueError, match=r"sema\._C\.cpu_ema_update: "):
+        _extension.extension.cpu_ema_update(*args, 0.5, True, 1)
+    assert e.abs().sum() == 0 and p.float().abs().sum() == 0, "a rejected call wrote memory"
+
+
+def test_cpp_checks_threads_lists_and_isa():
+    c = _extension.extension
+    e, p = torch.zeros(16), torch.zeros(16, dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="num_threads"):
+        c.cpu_ema_update(e.data_ptr(), p.data_ptr(), 16, 0, 1, 0.5, False, 0)
+    with pytest.raises(ValueError, match="one entry per tensor pair"):
+        c.cpu_ema_update_multi([e.data_ptr()], [], [16], [0], [1], 0.5, False, 1)
+    with pytest.raises(ValueError, match="unknown instruction set"):
+        c.set_cpu_isa("avx512")
+
+
+# --- build and availability ---------------------------------------------------------------
+
+
+def test_availability_reports_the_build():
+    ok, reason = sema.available_backends("cpu")["cpp"]
+    info = _extension.build_info()
+    assert ok
+    assert info["interface_version"] == _extension.INTERFACE_VERSION
+    assert info["version"] in reason and info["compiler"] in reason and info["cpu_isa"] in reason
+    assert info["cpu_isa"] in info["cpu_kernels"]
+    from sema import _ext_cpu
+
+    assert _ext_cpu.availability("cuda") == (False, "serves CPU tensors, not cuda")

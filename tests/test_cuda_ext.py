@@ -1,0 +1,350 @@
+"""The ``cuda`` backend (sema._C's CUDA kernels) against the reference backend on CUDA tensors
+and an fp64 computation, and what the build embeds (cubins for sm_80 and sm_90, PTX).
+
+Tolerances as in test_cpp.py: bit equality with the ``torch`` backend on the same device (the
+kernels compute the fma that nvcc makes of PyTorch's lerp, and round casts to nearest even with
+the same intrinsics; a NaN only has to be a NaN), and the fp64 bound of ``conftest.update_bound``
+at every step. The kernel tests skip without a GPU; the build and input-check tests run anywhere.
+"""
+
+from __future__ import annotations
+
+import shutil
+import struct
+import subprocess
+
+import pytest
+import torch
+from conftest import (
+    DTYPE_PAIRS,
+    assert_bits_equal,
+    assert_within,
+    fp32_weight,
+    pair_id,
+    poisoned,
+    random_values,
+    update_bound,
+)
+
+import sema
+from sema import _ext_cuda, _extension, reference
+
+CUDA_AVAILABLE, CUDA_REASON = sema.available_backends("cuda")["cuda"]
+SIZES = [0, 1, 15, 17, 4097, 2**20 + 3]
+WEIGHTS = [0.0, 1e-4, 0.5, 1.0]
+STEPS = 50
+BIG_STEPS = 5
+SWAP_PAIRS = [pair for pair in DTYPE_PAIRS if pair != (torch.float16, torch.float32)]
+BITS = {4: torch.int32, 2: torch.int16}
+REQUIRED_CUBINS = ("sm_80", "sm_90")
+
+
+def needs_cuda(test):
+    """Marks a kernel test ``cuda`` and skips it, with the reason, where the backend is unavailable."""
+    skip = pytest.mark.skipif(not CUDA_AVAILABLE, reason=f"backend 'cuda' unavailable: {CUDA_REASON}")
+    return pytest.mark.cuda(skip(test))
+
+
+def size_id(n: int) -> str:
+    return f"n{n}"
+
+
+def assert_same(actual: torch.Tensor, expected: torch.Tensor, what: str) -> None:
+    """Bit equality, except that a NaN only has to be a NaN."""
+    actual, expected = actual.cpu(), expected.cpu()
+    int_type = BITS[actual.element_size()]
+    if actual.dtype == expected.dtype and torch.equal(actual.view(int_type), expected.view(int_type)):
+        return
+    nan = torch.isnan(expected)
+    if not torch.equal(torch.isnan(actual), nan):
+        idx = int((torch.isnan(actual) != nan).nonzero()[0])
+        raise AssertionError(f"{what}: NaN where none is expected or the reverse, first at {idx}: {actual[idx]!r}")
+    assert_bits_equal(actual.masked_fill(nan, 0), expected.masked_fill(nan, 0), what)
+
+
+def on_gpu(n: int, dtype: torch.dtype, generator: torch.Generator) -> torch.Tensor:
+    return random_values(n, dtype, generator).cuda()
+
+
+# --- updates ------------------------------------------------------------------------------
+
+
+@needs_cuda
+@pytest.mark.parametrize("switch", [False, True], ids=["update", "update_switch"])
+@pytest.mark.parametrize("w_as_tensor", [False, True], ids=["w_float", "w_tensor"])
+@pytest.mark.parametrize("w", WEIGHTS, ids=lambda w: f"w{w}")
+@pytest.mark.parametrize("n", SIZES, ids=size_id)
+@pytest.mark.parametrize("pair", DTYPE_PAIRS, ids=pair_id)
+def test_update_matches_reference_and_fp64(pair, n, w, w_as_tensor, switch, generator):
+    param_dtype, ema_dtype = pair
+    ema = on_gpu(n, ema_dtype, generator)
+    expected_ema = ema.clone()
+    weight = torch.tensor(w, dtype=torch.float32, device="cuda") if w_as_tensor else w
+    for step in range(STEPS if n < 2**20 else BIG_STEPS):
+        param = on_gpu(n, param_dtype, generator)
+        expected_param = param.clone()
+        e64, p64 = ema.double(), param.double()
+        sema.ops.ema_update_(ema, param, weight, switch=switch, backend="cuda")
+        reference.ema_update_(expected_ema, expected_param, weight, switch)
+        what = f"step {step}"
+        assert_same(ema, expected_ema, f"{what}: ema vs the torch backend")
+        assert_same(param, expected_param, f"{what}: param vs the torch backend")
+        exact = torch.lerp(e64, p64, fp32_weight(w))
+        assert_within(ema.cpu(), exact.cpu(), update_bound(e64, p64, exact, ema_dtype).cpu(), f"{what}: vs fp64")
+        if switch:
+            assert_same(param, ema.to(param_dtype), f"{what}: the switched param must be the cast EMA")
+        expected_ema.copy_(ema)
+
+
+@needs_cuda
+@pytest.mark.parametrize("pair", DTYPE_PAIRS, ids=pair_id)
+def test_unaligned_views_take_the_scalar_path(pair, generator):
+    """Views starting one element in: no 16-byte alignment, so the kernel's scalar loop runs."""
+    param_dtype, ema_dtype = pair
+    n = 4097 + 1
+    ema, param = on_gpu(n, ema_dtype, generator), on_gpu(n, param_dtype, generator)
+    expected_ema, expected_param = ema[1:].clone(), param[1:].clone()
+    sema.ops.ema_update_(ema[1:], param[1:], 0.3, switch=True, backend="cuda")
+    reference.ema_update_(expected_ema, expected_param, 0.3, True)
+    assert_same(ema[1:], expected_ema, "unaligned ema")
+    assert_same(param[1:], expected_param, "unaligned param")
+
+
+@needs_cuda
+@pytest.mark.parametrize("switch", [False, True], ids=["update", "update_switch"])
+def test_multi_many_tensors(switch, generator):
+    """150 pairs of mixed dtypes and sizes (0 included): several launches of 64 tensors."""
+    emas, params = [], []
+    for i in range(150):
+        param_dtype, ema_dtype = DTYPE_PAIRS[i % len(DTYPE_PAIRS)]
+        n = (i * 7919) % 20_000 if i % 11 else 0
+        emas.append(on_gpu(n, ema_dtype, generator))
+        params.append(on_gpu(n, param_dtype, generator))
+    expected = [(e.clone(), p.clone()) for e, p in zip(emas, params, strict=True)]
+    w = torch.tensor(2e-3, device="cuda")
+    sema.ops.ema_update_multi_(emas, params, w, switch=switch, backend="cuda")
+    for i, (e, p) in enumerate(expected):
+        reference.ema_update_(e, p, w, switch)
+        assert_same(emas[i], e, f"pair {i} ema")
+        assert_same(params[i], p, f"pair {i} param")
+
+
+@needs_cuda
+def test_tensor_weight_in_a_cuda_graph(generator):
+    """w read on the device: a captured update follows the value w holds at replay."""
+    n = 2**20 + 3
+    ema, param = on_gpu(n, torch.float32, generator), on_gpu(n, torch.bfloat16, generator)
+    w = torch.tensor(0.25, device="cuda")
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):  # warm up (loads the kernel) outside the capture
+        sema.ops.ema_update_(ema.clone(), param.clone(), w, switch=True, backend="cuda")
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        sema.ops.ema_update_(ema, param, w, switch=True, backend="cuda")
+    expected_ema, expected_param = ema.clone(), param.clone()
+    for value in (0.25, 0.75, 1e-4):
+        w.fill_(value)
+        graph.replay()
+        reference.ema_update_(expected_ema, expected_param, value, True)
+        torch.cuda.synchronize()
+        assert_same(ema, expected_ema, f"graph replay with w={value}")
+        assert_same(param, expected_param, f"graph replay with w={value}, param")
+
+
+@needs_cuda
+def test_runs_on_the_current_stream(generator):
+    n = 2**22
+    ema, param = on_gpu(n, torch.float32, generator), on_gpu(n, torch.float16, generator)
+    expected_ema, expected_param = ema.clone(), param.clone()
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(3):
+            sema.ops.ema_update_(ema, param, 0.1, switch=True, backend="cuda")
+            param.add_(1.0)  # ordered after the kernel only if it ran on this stream
+    torch.cuda.current_stream().wait_stream(stream)
+    for _ in range(3):
+        reference.ema_update_(expected_ema, expected_param, 0.1, True)
+        expected_param.add_(1.0)
+    assert_same(ema, expected_ema, "ema after a side stream")
+    assert_same(param, expected_param, "param after a side stream")
+
+
+@needs_cuda
+def test_past_2_31_elements():
+    """int64 offsets: the last elements of a buffer longer than 2**31 are updated."""
+    n = 2**31 + 17
+    free, _ = torch.cuda.mem_get_info()
+    if free < n * 6 + 2**30:
+        pytest.skip(f"needs {n * 6 / 2**30:.1f} GiB free on the GPU, {free / 2**30:.1f} GiB are")
+    ema = torch.zeros(n, device="cuda")
+    param = torch.ones(n, dtype=torch.bfloat16, device="cuda")
+    sema.ops.ema_update_(ema, param, 0.5, switch=True, backend="cuda")
+    tail = ema[-(2**20) :]
+    assert torch.all(tail == 0.5), f"{int((tail != 0.5).sum())} of the last 2**20 elements were not updated"
+    assert torch.all(param[-(2**20) :] == 0.5)
+    assert float(ema[0]) == 0.5
+    del ema, param
+    torch.cuda.empty_cache()
+
+
+# --- casts and swaps ----------------------------------------------------------------------
+
+
+@needs_cuda
+@pytest.mark.parametrize("param_dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_switch_cast_bit_equal_to_torch(param_dtype, generator):
+    values = torch.tensor(
+        [
+            *(float("nan"), float("inf"), -float("inf"), 0.0, -0.0, 1 + 2.0**-8, 1 + 3 * 2.0**-8, 1 + 2.0**-11),
+            *(65504.0, 65519.996, 65520.0, 2.0**-24, 2.0**-25, 3 * 2.0**-26, 1e-45, 3.3895e38),
+        ],
+        dtype=torch.float32,
+    )
+    random_bits = torch.randint(-(2**31), 2**31, (2**20,), dtype=torch.int32, generator=generator)
+    ema = torch.cat([values, random_bits.view(torch.float32)]).cuda()
+    param = poisoned(ema.numel(), param_dtype).cuda()
+    sema.ops.switch_(ema, param, backend="cuda")
+    assert_same(param, ema.to(param_dtype), f"cast to {param_dtype}")
+
+
+@needs_cuda
+@pytest.mark.parametrize("pair", DTYPE_PAIRS, ids=pair_id)
+def test_switch_matches_reference(pair, generator):
+    param_dtype, ema_dtype = pair
+    for n in SIZES:
+        ema = on_gpu(n, ema_dtype, generator)
+        param = poisoned(n, param_dtype).cuda()
+        sema.ops.switch_(ema, param, backend="cuda")
+        assert_same(param, ema.to(param_dtype), f"switch_ n={n}")
+
+
+def random_bits(n: int, dtype: torch.dtype, generator: torch.Generator) -> torch.Tensor:
+    int_type = BITS[torch.empty((), dtype=dtype).element_size()]
+    info = torch.iinfo(int_type)
+    bits = torch.randint(info.min, info.max + 1, (n,), dtype=torch.int64, generator=generator).to(int_type)
+    extremes = torch.tensor([0, -1, info.min, info.max, 1, -2, info.max - 1, info.min + 1], dtype=torch.int64)
+    k = min(n, extremes.numel())
+    bits[:k] = extremes[:k].to(int_type)
+    return bits.view(dtype)
+
+
+@needs_cuda
+@pytest.mark.parametrize("n", SIZES, ids=size_id)
+@pytest.mark.parametrize("pair", SWAP_PAIRS, ids=pair_id)
+def test_swap_bit_exact_and_restores(pair, n, generator):
+    param_dtype, ema_dtype = pair
+    ema, param = random_bits(n, ema_dtype, generator).cuda(), random_bits(n, param_dtype, generator).cuda()
+    original_ema, original_param = ema.clone(), param.clone()
+    expected_ema, expected_param = ema.clone(), param.clone()
+    sema.ops.swap_(ema, param, backend="cuda")
+    reference.swap_(expected_ema, expected_param)
+    assert_bits_equal(ema.cpu(), expected_ema.cpu(), "swapped ema vs the torch backend")
+    assert_bits_equal(param.cpu(), expected_param.cpu(), "swapped param vs the torch backend")
+    sema.ops.swap_(ema, param, restore=True, backend="cuda")
+    assert_bits_equal(ema.cpu(), original_ema.cpu(), "ema after swap + restore")
+    assert_bits_equal(param.cpu(), original_param.cpu(), "param after swap + restore")
+
+
+# --- input checks (run without a GPU: they raise before sema._C is reached) ---------------
+
+
+class _Untouchable:
+    def __getattr__(self, name):
+        raise AssertionError(f"sema._C.{name} was reached with bad input")
+
+
+def test_bad_input_raises_before_cuda(monkeypatch):
+    monkeypatch.setattr(_ext_cuda, "_C", _Untouchable())
+    cpu_pair = (torch.zeros(16), torch.zeros(16))
+    meta_pair = (torch.zeros(16, device="meta"), torch.zeros(16, device="meta"))
+    for ema, param in (cpu_pair, meta_pair):
+        with pytest.raises(ValueError, match="serves cuda tensors"):
+            _ext_cuda.ema_update_(ema, param, 0.1)
+        with pytest.raises(ValueError, match="serves cuda tensors"):
+            _ext_cuda.switch_(ema, param)
+        with pytest.raises(ValueError, match="serves cuda tensors"):
+            _ext_cuda.swap_(ema, param)
+        with pytest.raises(ValueError, match="serves cuda tensors"):
+            _ext_cuda.ema_update_multi_([ema], [param], 0.1)
+    if torch.cuda.is_available():
+        ema, param = torch.zeros(16, device="cuda"), torch.zeros(16, device="cuda")
+        with pytest.raises(ValueError, match="w as a tensor"):
+            _ext_cuda.ema_update_(ema, param, torch.tensor(0.1))  # w on the CPU
+        with pytest.raises(ValueError, match="w as a tensor"):
+            _ext_cuda.ema_update_(ema, param, torch.tensor(0.1, dtype=torch.float64, device="cuda"))
+        with pytest.raises(TypeError, match="lossless"):
+            _ext_cuda.swap_(ema, param.half())
+        with pytest.raises(ValueError, match="share memory"):
+            _ext_cuda.ema_update_(ema, ema, 0.1)
+        with pytest.raises(ValueError, match="w shares memory"):
+            _ext_cuda.ema_update_(ema, param, ema[3])  # a 0-d view into the buffer being written
+
+
+def test_availability_says_why():
+    ok, reason = _ext_cuda.availability("cuda")
+    assert reason
+    if not torch.cuda.is_available():
+        assert not ok
+    assert _ext_cuda.availability("cpu") == (False, "serves CUDA tensors, not cpu")
+
+
+# --- the build ----------------------------------------------------------------------------
+
+
+def fatbin_entries(path: str) -> list[tuple[str, int]]:
+    """(kind, arch) of every entry in the .nv_fatbin section of a shared library: ("elf", 90)
+    is an sm_90 cubin, ("ptx", 90) compute_90 PTX. Reads the ELF and fatbin headers directly,
+    for machines without cuobjdump."""
+    with open(path, "rb") as f:
+        data = f.read()
+    assert data[:4] == b"\x7fELF" and data[4] == 2, f"{path} is not a 64-bit ELF file"
+    (section_offset,) = struct.unpack_from("<Q", data, 0x28)
+    entry_size, count, names_index = struct.unpack_from("<HHH", data, 0x3A)
+
+    def section(i: int) -> tuple[int, ...]:
+        return struct.unpack_from("<IIQQQQIIQQ", data, section_offset + i * entry_size)
+
+    names = section(names_index)[4]
+    blob = b""
+    for i in range(count):
+        name_offset, *_, offset, size = section(i)[:6]
+        name = data[names + name_offset : data.index(b"\0", names + name_offset)]
+        if name == b".nv_fatbin":
+            blob = data[offset : offset + size]
+    entries, pos = [], 0
+    while pos + 16 <= len(blob):
+        magic, _, header_size, fat_size = struct.unpack_from("<IHHQ", blob, pos)
+        if magic != 0xBA55ED50:
+            pos += 8  # containers are 8-byte aligned
+            continue
+        entry, end = pos + header_size, pos + header_size + fat_size
+        while entry < end:
+            kind, _, entry_header_size, payload_size = struct.unpack_from("<HHIQ", blob, entry)
+            (arch,) = struct.unpack_from("<I", blob, entry + 28)
+            entries.append(({1: "ptx", 2: "elf"}.get(kind, str(kind)), arch))
+            entry += entry_header_size + payload_size
+        pos = end
+    return entries
+
+
+def test_build_has_device_code_for_sm80_and_sm90():
+    info = _extension.build_info()
+    if not info:
+        pytest.skip(f"sema._C is not built: {_extension.load_error}")
+    if not info["cuda"]:
+        pytest.skip(f"sema._C was built without CUDA: {info['cuda_skipped']}")
+    for arch in REQUIRED_CUBINS:
+        assert arch in info["cuda_archs"], f"build metadata lists {info['cuda_archs']}, not {arch}"
+    path = _extension.extension.__file__
+    entries = fatbin_entries(path)
+    for arch in REQUIRED_CUBINS:
+        assert ("elf", int(arch[3:])) in entries, f"no {arch} cubin in {path}: {entries}"
+    assert ("ptx", 90) in entries, f"no compute_90 PTX in {path}: {entries}"
+    cuobjdump = shutil.which("cuobjdump")
+    if cuobjdump:  # the vendor tool, where installed, must agree
+        listing = subprocess.run([cuobjdump, "--list-elf", path], capture_output=True, text=True, check=True).stdout
+        for arch in REQUIRED_CUBINS:
+            assert f".{arch}." in listing, f"cuobjdump --list-elf lists no {arch} cubin:\n{listing}"
