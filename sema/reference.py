@@ -1,9 +1,9 @@
 """The PyTorch reference backend ``torch``: every op of the kernel contract in plain PyTorch.
 
 It is what CPU users without the extension get, so it uses the fastest pure-PyTorch
-formulation measured (``bench/torch_formulations.py``): flat ops where one pass is enough,
-and cache-blocked chunks of ``CHUNK`` elements where an op needs two passes over the same
-bytes (a lerp then a cast-copy), so the second pass reads from cache instead of memory.
+formulation measured (``bench/torch_formulations.py``): cache-blocked chunks of ``CHUNK``
+elements, so that when an op needs two passes over the same bytes (a cast to fp32 then the
+lerp, or the lerp then the switch copy) the second pass reads from cache instead of memory.
 
 Inputs are validated by :mod:`sema.ops` before they reach this module: 1-D contiguous
 tensors of equal length on one device, a supported dtype pair, no overlap. ``w`` is a
@@ -18,7 +18,10 @@ from collections.abc import Iterator, Sequence
 import torch
 from torch import Tensor
 
-CHUNK = 1 << 18  # elements: 1 MiB of fp32, small enough to stay in L2 between two passes
+# Elements per block: 4 MiB of fp32, still in cache when the second pass reads it back. On the
+# 2-core AMD EPYC VM of bench/results/torch_formulations-*.json, 2**20 beat 2**16 and 2**18 and
+# the flat and per-tensor forms for every op measured.
+CHUNK = 1 << 20
 
 if sys.byteorder != "little":  # the bf16 packing reads the halves of an fp32 word by position
     raise ImportError("sema's reference swap_ assumes a little-endian machine")
@@ -38,12 +41,10 @@ def _chunks(*tensors: Tensor) -> Iterator[tuple[Tensor, ...]]:
 def ema_update_(ema: Tensor, param: Tensor, w: float | Tensor, switch: bool = False) -> None:
     """``ema <- lerp(ema, param, w)`` in fp32; with ``switch``, then ``param <- cast(ema)``."""
     if ema.dtype == torch.float32 and param.dtype == torch.float32:
-        if not switch:
-            ema.lerp_(param, w)  # one pass: nothing to gain from blocking
-            return
         for e, p in _chunks(ema, param):
             e.lerp_(p, w)
-            p.copy_(e)
+            if switch:
+                p.copy_(e)
         return
     if ema.dtype == torch.float32:  # fp32 EMA, bf16/fp16 params
         for e, p in _chunks(ema, param):
