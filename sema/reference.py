@@ -20,7 +20,7 @@ from torch import Tensor
 
 # Elements per block: 4 MiB of fp32, still in cache when the second pass reads it back. On the
 # 2-core AMD EPYC VM of bench/results/torch_formulations-*.json, 2**20 beat 2**16 and 2**18 and
-# the flat and per-tensor forms for every op measured.
+# the flat and per-tensor forms for every two-pass op measured.
 CHUNK = 1 << 20
 
 if sys.byteorder != "little":  # the bf16 packing reads the halves of an fp32 word by position
@@ -41,10 +41,12 @@ def _chunks(*tensors: Tensor) -> Iterator[tuple[Tensor, ...]]:
 def ema_update_(ema: Tensor, param: Tensor, w: float | Tensor, switch: bool = False) -> None:
     """``ema <- lerp(ema, param, w)`` in fp32; with ``switch``, then ``param <- cast(ema)``."""
     if ema.dtype == torch.float32 and param.dtype == torch.float32:
+        if not switch:
+            ema.lerp_(param, w)  # a single pass: blocking gains nothing, and saves no Python loop
+            return
         for e, p in _chunks(ema, param):
             e.lerp_(p, w)
-            if switch:
-                p.copy_(e)
+            p.copy_(e)
         return
     if ema.dtype == torch.float32:  # fp32 EMA, bf16/fp16 params
         for e, p in _chunks(ema, param):
