@@ -43,7 +43,7 @@ _SPECS: dict[str, BackendSpec] = {
 # by a benchmark in bench/results/; until then it must be asked for by name.
 AUTO_ORDER: dict[str, tuple[str, ...]] = {
     "cuda": ("triton", "cuda", "torch"),
-    "cpu": ("torch",),
+    "cpu": ("cpp", "torch"),
 }
 
 

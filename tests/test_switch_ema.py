@@ -563,9 +563,13 @@ def test_compiled_update_has_no_graph_break_and_no_recompile(warmup):
     counter = torch._dynamo.testing.CompileCounter()
     update = torch.compile(ema.update, fullgraph=True, backend=counter)
     opts = [torch.optim.SGD(m.parameters(), lr=0.1) for m in (model, eager_model)]
-    for x, y in batches(6):
+    for i, (x, y) in enumerate(batches(6)):
         train_step(model, opts[0], x, y)
-        update()
+        if i == 0:
+            update()
+        else:  # a recompile now raises, naming the guard that failed
+            with torch._dynamo.config.patch(error_on_recompile=True):
+                update()
         train_step(eager_model, opts[1], x, y)
         eager.update()
     assert counter.frame_count == 1, "update() recompiled"
