@@ -95,6 +95,11 @@ def swap_(ema: Tensor, param: Tensor, restore: bool = False) -> None:
             hi.copy_(saved - carry.to(torch.int16))
 
 
+def _flat(t: Tensor) -> Tensor:
+    """1-D view of a dense tensor's memory (contiguous or not: sema.ops checked it is dense)."""
+    return t.view(-1) if t.is_contiguous() else t.as_strided((t.numel(),), (1,), t.storage_offset())
+
+
 def _as_bits(t: Tensor) -> Tensor:
     return t.view({4: torch.int32, 2: torch.int16, 8: torch.int64}[t.element_size()])
 
@@ -110,7 +115,7 @@ def ema_update_multi_(
             fp32_emas.append(e)
             fp32_params.append(p)
         else:
-            ema_update_(e.view(-1), p.view(-1), w, switch)
+            ema_update_(_flat(e), _flat(p), w, switch)
     if fp32_emas:
         if isinstance(w, Tensor):
             torch._foreach_lerp_(fp32_emas, fp32_params, [w] * len(fp32_emas))

@@ -20,6 +20,11 @@ from sema import ops
 from sema.buckets import BucketMovedError, FlatBucket, build_bucket, plan_buckets
 from sema.schedules import DecaySchedule
 
+try:
+    from torch.distributed.tensor import DTensor
+except ImportError:  # a torch built without distributed
+    DTensor = None
+
 STATE_FORMAT = "sema.SwitchEMA"
 STATE_VERSION = 1
 BUFFER_POLICIES = ("ignore", "copy", "ema")
@@ -27,19 +32,44 @@ BUFFER_POLICIES = ("ignore", "copy", "ema")
 
 @dataclass
 class _TensorGroup:
-    """Multi-tensor mode (``flatten=False``): params stay where they are, one EMA per param."""
+    """Multi-tensor mode (``flatten=False``, or DTensor params such as FSDP2 shards): params
+    stay where they are, one EMA per param. ``views`` are the params' local tensors (the local
+    shard of a DTensor), cached; ``moved()`` checks they still alias the params' memory."""
 
     device: torch.device
     dtype: torch.dtype
     names: list[str]
     params: list[nn.Parameter]
     emas: list[Tensor]
+    views: list[Tensor]
     data_ptrs: tuple[int, ...]
 
     def moved(self) -> list[str]:
-        if tuple(map(Tensor.data_ptr, self.params)) == self.data_ptrs:
+        ptrs = tuple(_local(p).data_ptr() for p in self.params)
+        if ptrs == self.data_ptrs:
             return []
-        return [n for n, p, ptr in zip(self.names, self.params, self.data_ptrs, strict=False) if p.data_ptr() != ptr]
+        return [n for n, ptr, old in zip(self.names, ptrs, self.data_ptrs, strict=False) if ptr != old]
+
+
+def _is_dtensor(t: Tensor) -> bool:
+    return DTensor is not None and isinstance(t, DTensor)
+
+
+def _local(t: Tensor) -> Tensor:
+    """The tensor holding this rank's elements: the local shard of a DTensor, else ``t``."""
+    if _is_dtensor(t):
+        return t._local_tensor  # what to_local() returns, without an autograd node per call
+    return t.detach()
+
+
+def _as_param_layout(param: Tensor, local: Tensor) -> Tensor:
+    """``local`` presented like ``param``: a DTensor with its mesh and placements (no
+    communication), or ``local`` itself."""
+    if _is_dtensor(param):
+        return DTensor.from_local(
+            local, param.device_mesh, param.placements, run_check=False, shape=param.shape, stride=param.stride()
+        )
+    return local
 
 
 class SwitchEMA:
@@ -131,7 +161,7 @@ class SwitchEMA:
                     f"SwitchEMA: ema_dtype={ema_dtype} does not fit params of dtype {', '.join(odd)}; "
                     "use torch.float32 or None (each param's own dtype)"
                 )
-        groups = plan_buckets(named)
+        groups = plan_buckets(named)  # a DTensor reports its local shard's device and dtype
         resolved = {}
         for device, _ in groups:
             if device not in resolved:
@@ -157,17 +187,20 @@ class SwitchEMA:
         self.tensor_groups: list[_TensorGroup] = []
         for (device, dtype), members in groups.items():
             target = dtype if ema_dtype is None else ema_dtype
-            if self.flatten:
+            # DTensor params (FSDP2 shards) cannot be re-pointed into a bucket: they always use
+            # the multi-tensor mode, on their local shards, with no communication.
+            if self.flatten and not any(_is_dtensor(p) for _, p in members):
                 self.buckets.append(build_bucket(device, dtype, members, target))
-            else:
-                params = [p for _, p in members]
-                with torch.no_grad():
-                    emas = [p.detach().to(target, copy=True, memory_format=torch.preserve_format) for p in params]
-                self.tensor_groups.append(
-                    _TensorGroup(
-                        device, dtype, [n for n, _ in members], params, emas, tuple(p.data_ptr() for p in params)
-                    )
+                continue
+            params = [p for _, p in members]
+            views = [_local(p) for p in params]
+            with torch.no_grad():
+                emas = [v.to(target, copy=True, memory_format=torch.preserve_format) for v in views]
+            self.tensor_groups.append(
+                _TensorGroup(
+                    device, dtype, [n for n, _ in members], params, emas, views, tuple(v.data_ptr() for v in views)
                 )
+            )
         self._steps = {device: torch.zeros((), dtype=torch.int64, device=device) for device in resolved}
         for step in self._steps.values():
             self.schedule.weight(step)  # creates a constant weight now, not inside a traced update
@@ -253,7 +286,7 @@ class SwitchEMA:
             )
         for group in self.tensor_groups:
             ops.dispatch_update_multi(
-                group.emas, [p.data for p in group.params], weights[group.device], switch, self.backends[group.device]
+                group.emas, group.views, weights[group.device], switch, self.backends[group.device]
             )
         self._update_buffers(weights)
         for step in self._steps.values():
@@ -273,7 +306,7 @@ class SwitchEMA:
 
     def _all_finite(self) -> bool:
         flags = [torch.isfinite(b.param_flat).all() for b in self.buckets]
-        flags += [torch.isfinite(p).all() for g in self.tensor_groups for p in g.params]
+        flags += [torch.isfinite(v).all() for g in self.tensor_groups for v in g.views]
         return bool(torch.stack([f.cpu() for f in flags]).all())
 
     # --- switching ---------------------------------------------------------------------------
@@ -302,8 +335,8 @@ class SwitchEMA:
         for bucket in self.buckets:
             ops.dispatch_switch(bucket.ema_flat, bucket.param_flat, self.backends[bucket.device])
         for group in self.tensor_groups:
-            for e, p in zip(group.emas, group.params, strict=False):
-                ops.dispatch_switch(ops.dense_view(e), ops.dense_view(p.data), self.backends[group.device])
+            for e, v in zip(group.emas, group.views, strict=True):
+                ops.dispatch_switch(ops.dense_view(e), ops.dense_view(v), self.backends[group.device])
         self._after_switch()
 
     def _after_switch(self) -> None:
@@ -331,8 +364,8 @@ class SwitchEMA:
             for bucket in self.buckets:
                 undo.append(self._swap_in(bucket.ema_flat, bucket.param_flat, self.backends[bucket.device]))
             for group in self.tensor_groups:
-                for e, p in zip(group.emas, group.params, strict=False):
-                    undo.append(self._swap_in(ops.dense_view(e), ops.dense_view(p.data), self.backends[group.device]))
+                for e, v in zip(group.emas, group.views, strict=True):
+                    undo.append(self._swap_in(ops.dense_view(e), ops.dense_view(v), self.backends[group.device]))
             if self._buffers:
                 saved = [b.clone() for b in self._buffers]
                 with torch.no_grad():
@@ -421,7 +454,7 @@ class SwitchEMA:
             "num_switches": self.num_switches,
             "num_skipped": self.num_skipped,
             "config": self._config(),
-            "ema": {name: e.detach().clone() for name, _, e in self._named_emas()},
+            "ema": {name: _as_param_layout(p, e.detach().clone()) for name, p, e in self._named_emas()},
             "buffers": {n: e.detach().clone() for n, e in zip(self._buffer_names, self._buffer_emas, strict=False)},
         }
 
@@ -438,7 +471,18 @@ class SwitchEMA:
             )
         problems: list[str] = []
         ours = {name: e for name, _, e in self._named_emas()}
-        _compare("param", ours, state.get("ema", {}), problems)
+        presented = {name: _as_param_layout(p, e) for name, p, e in self._named_emas()}  # global shapes
+        _compare("param", presented, state.get("ema", {}), problems)
+        for name, p, _ in self._named_emas():
+            value = state.get("ema", {}).get(name) if isinstance(state.get("ema"), dict) else None
+            if isinstance(value, Tensor) and _is_dtensor(p) != _is_dtensor(value):
+                problems.append(
+                    f"param {name}: {'a DTensor' if _is_dtensor(value) else 'a plain tensor'} in the state, "
+                    f"{'a DTensor shard' if _is_dtensor(p) else 'a plain tensor'} here (save and load sharded "
+                    "states with torch.distributed.checkpoint on the same layout)"
+                )
+            elif _is_dtensor(p) and isinstance(value, Tensor) and value.placements != p.placements:
+                problems.append(f"param {name}: placements {value.placements} in the state, {p.placements} here")
         _compare(
             "buffer", dict(zip(self._buffer_names, self._buffer_emas, strict=False)), state.get("buffers", {}), problems
         )
@@ -456,7 +500,7 @@ class SwitchEMA:
             )
         with torch.no_grad():
             for name, e in ours.items():
-                e.copy_(state["ema"][name])
+                e.copy_(_local(state["ema"][name]))
             for e, name in zip(self._buffer_emas, self._buffer_names, strict=False):
                 e.copy_(state["buffers"][name])
             for step in self._steps.values():
@@ -466,22 +510,50 @@ class SwitchEMA:
         self.num_switches = int(state.get("num_switches", 0))
         self.num_skipped = int(state.get("num_skipped", 0))
 
-    def averaged_state_dict(self) -> dict[str, Tensor]:
+    def averaged_state_dict(self, full: bool = False) -> dict[str, Tensor]:
         """A ``model.state_dict()``-shaped dict holding the EMA weights (cast to each param's
         dtype) and the tracked buffers, each tensor with its own storage: it loads into a fresh
-        model with ``model.load_state_dict`` and saves with ``torch.save`` or safetensors."""
+        model with ``model.load_state_dict`` and saves with ``torch.save`` or safetensors.
+
+        Sharded (FSDP2) params give DTensors with the params' placements, as the model's own
+        ``state_dict()`` does. ``full=True`` gathers them: every rank must call it (it is a
+        collective), rank 0 gets full tensors and the other ranks an empty dict.
+        """
         if self._swapped_active:
             raise RuntimeError("SwitchEMA.averaged_state_dict() inside swapped(); call it after the with-block")
-        ema_of = {id(p): e for _, p, e in self._named_emas()}
-        buffer_of = {id(b): e for b, e in zip(self._buffers, self._buffer_emas, strict=False)}
+        ema_of = {id(p): (p, e) for _, p, e in self._named_emas()}
+        buffer_of = {id(b): e for b, e in zip(self._buffers, self._buffer_emas, strict=True)}
         out = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
         for name, p in self.model.named_parameters(remove_duplicate=False):
             if id(p) in ema_of and name in out:
-                out[name] = ema_of[id(p)].detach().to(p.dtype, copy=True)
+                param, e = ema_of[id(p)]
+                out[name] = _as_param_layout(param, e.detach().to(p.dtype, copy=True))
         for name, b in self.model.named_buffers(remove_duplicate=False):
             if id(b) in buffer_of and name in out:
                 out[name] = buffer_of[id(b)].detach().to(b.dtype, copy=True)
+        if full:
+            out = {k: v.full_tensor() if _is_dtensor(v) else v for k, v in out.items()}
+            if torch.distributed.is_available() and torch.distributed.is_initialized():
+                if torch.distributed.get_rank() != 0:
+                    return {}
         return out
+
+    def reset(self) -> None:
+        """Restart the average from the current weights: EMA <- params (and tracked buffers),
+        step counter back to 0 (warmups start over). With DDP, call it after wrapping the model,
+        which broadcasts rank 0's weights, so every rank's EMA starts from the same values."""
+        self._check_placement("reset")
+        with torch.no_grad():
+            for bucket in self.buckets:
+                bucket.ema_flat.copy_(bucket.param_flat)
+            for group in self.tensor_groups:
+                for e, v in zip(group.emas, group.views, strict=True):
+                    e.copy_(v)
+            for b, e in zip(self._buffers, self._buffer_emas, strict=True):
+                e.copy_(b)
+            for step in self._steps.values():
+                step.zero_()
+        self._calls = 0
 
 
 def _compare(kind: str, ours: dict[str, Tensor], theirs: object, problems: list[str]) -> None:
