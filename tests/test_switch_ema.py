@@ -590,3 +590,21 @@ def test_compiled_update_with_inductor_runs():
                 p.add_(1.0)
         update()
     assert ema.step == 3
+
+
+def test_reset_restarts_the_average_from_the_params():
+    model = make_model()
+    ema = sema.SwitchEMA(model, decay=0.5, warmup="power")
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+    ema.update()
+    assert ema.step == 1
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(3.0)
+    ema.reset()
+    assert ema.step == 0
+    emas = emas_of(ema)
+    for name, p in model.named_parameters():
+        assert_bits_equal(emas[name], p.detach(), name)
