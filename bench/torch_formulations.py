@@ -1,10 +1,12 @@
-"""Which pure-PyTorch formulation should the ``torch`` backend use? (issue: foundation)
+"""Which pure-PyTorch formulation should the ``torch`` backend use, and how far is the
+compiled ``cpp`` backend ahead of the best of them?
 
 On a ResNet-50-shaped parameter set, times the same work several ways in one process:
 flat ops over a bucket, cache-blocked chunks of the bucket (several chunk sizes),
 ``torch._foreach_*`` over un-bucketed per-tensor lists, a per-tensor loop, and a ``copy_``
 moving the same bytes; then ``SwitchEMA.update()`` / ``update(switch=True)`` on the torch
-backend as shipped. Bytes per element (DESIGN.md): update 2E+P, update+switch 2E+2P.
+backend as shipped, and on the ``cpp`` backend when the extension is built. Bytes per element
+(DESIGN.md): update 2E+P, update+switch 2E+2P.
 
     python bench/torch_formulations.py [--repeats 15] [--json bench/results/....json]
 """
@@ -104,6 +106,9 @@ def run(repeats: int) -> dict[str, object]:
                 candidates[f"chunked {chunk >> 10}K"] = partial(chunked, ema_flat, param_flat, switch, chunk)
             averager = sema.SwitchEMA(module_of(shapes, dtype, device), backend="torch", switch_every=None)
             candidates["SwitchEMA.update (torch backend)"] = partial(averager.update, switch=switch)
+            if sema.available_backends("cpu")["cpp"][0]:  # the compiled extension, for comparison
+                compiled = sema.SwitchEMA(module_of(shapes, dtype, device), backend="cpp", switch_every=None)
+                candidates["SwitchEMA.update (cpp backend)"] = partial(compiled.update, switch=switch)
             timings = interleaved_medians(candidates, repeats)
             foreach_s = timings["foreach per-tensor"]
             for name, seconds in timings.items():
@@ -135,6 +140,8 @@ def main() -> int:
     result = run(args.repeats)
     print(f"{result['tensors']} tensors, {result['elements'] / 1e6:.1f}M elements, {result['provenance']['device']}")
     print(f"{'dtype':5} {'op':14} {'formulation':34} {'ms':>8} {'GB/s':>7} {'vs foreach':>10} {'% copy_':>8}")
+    # "% copy_" is the copy_ time over this time for the same bytes: an update reads twice what
+    # it writes, which this machine does faster than a copy's half-and-half, hence > 100%.
     for r in result["rows"]:
         print(
             f"{r['param_dtype']:5} {r['op']:14} {r['formulation']:34} {r['median_ms']:8.2f} {r['GB/s']:7.2f} "
