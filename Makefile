@@ -5,7 +5,10 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 TORCH_VERSION ?= 2.13.0
 TRITON_VERSION ?= 3.9.0
-STAMP := $(VENV)/.installed-$(TORCH_VERSION)-$(TRITON_VERSION)
+LIGHTNING_VERSION ?= 2.6.6
+TRANSFORMERS_VERSION ?= 5.24.0
+ACCELERATE_VERSION ?= 1.15.0
+STAMP := $(VENV)/.installed-$(TORCH_VERSION)-$(TRITON_VERSION)-$(LIGHTNING_VERSION)-$(TRANSFORMERS_VERSION)
 
 .PHONY: profile test lint install clean
 
@@ -13,7 +16,8 @@ $(STAMP): pyproject.toml setup.py
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet "torch==$(TORCH_VERSION)" "triton==$(TRITON_VERSION)" numpy "pytest>=8" "ruff==0.14.0" \
-		"setuptools>=69" wheel "pybind11>=2.12"
+		"setuptools>=69" wheel "pybind11>=2.12" \
+		"lightning==$(LIGHTNING_VERSION)" "transformers==$(TRANSFORMERS_VERSION)" "accelerate==$(ACCELERATE_VERSION)"
 	touch $(STAMP)
 
 # Builds the optional extension in place (setup.py prints why it skips a part).

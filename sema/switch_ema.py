@@ -445,11 +445,14 @@ class SwitchEMA:
         safetensors), the tracked buffers, the step/call/epoch counters and the policy."""
         if self._swapped_active:
             raise RuntimeError("SwitchEMA.state_dict() inside swapped(): the EMA buffers hold the swapped state")
+        step = self.step
         return {
             "format": STATE_FORMAT,
             "version": STATE_VERSION,
-            "step": self.step,
-            "calls": self._calls,
+            "step": step,
+            # Calls are counted on the host only where a policy needs them (never under compile or
+            # CUDA graphs); elsewhere every call is an update, so the device step is the count.
+            "calls": self._calls if self._needs_host_count() else step,
             "epochs": self._epochs,
             "num_switches": self.num_switches,
             "num_skipped": self.num_skipped,

@@ -62,6 +62,7 @@ def test_regular_install_maps_kernels_into_the_package(tmp_path):
         pytest.skip("pip is not available in this interpreter")
     assert install.returncode == 0, install.stderr[-3000:]
     assert (target / "sema" / "kernels" / "__init__.py").is_file()
+    assert (target / "sema" / "integrations" / "lightning.py").is_file()
     code = (
         f"import sys; sys.path.insert(0, {str(target)!r})\n"
         "import sema, sema.kernels\n"
