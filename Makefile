@@ -10,13 +10,13 @@ TRANSFORMERS_VERSION ?= 5.24.0
 ACCELERATE_VERSION ?= 1.15.0
 STAMP := $(VENV)/.installed-$(TORCH_VERSION)-$(TRITON_VERSION)-$(LIGHTNING_VERSION)-$(TRANSFORMERS_VERSION)
 
-.PHONY: profile test lint install clean
+.PHONY: profile test lint install study clean
 
 $(STAMP): pyproject.toml setup.py
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet "torch==$(TORCH_VERSION)" "triton==$(TRITON_VERSION)" numpy "pytest>=8" "ruff==0.14.0" \
-		"setuptools>=69" wheel "pybind11>=2.12" \
+		scikit-learn "setuptools>=69" wheel "pybind11>=2.12" \
 		"lightning==$(LIGHTNING_VERSION)" "transformers==$(TRANSFORMERS_VERSION)" "accelerate==$(ACCELERATE_VERSION)"
 	touch $(STAMP)
 
@@ -27,6 +27,11 @@ install: $(STAMP)
 # The main job: a bandwidth profile of the EMA ops on the built-in ResNet-50 parameter set.
 profile: install
 	$(BIN)/sema-bench --set resnet50 --json bench/results/latest-profile.json
+
+# The effectiveness study (bench/effectiveness/README.md): about 15 minutes on a 2-core CPU.
+study: install
+	$(BIN)/pip install --quiet "torch==$(TORCH_VERSION)" scikit-learn matplotlib tqdm
+	$(BIN)/python -m bench.effectiveness
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
