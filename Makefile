@@ -8,7 +8,8 @@ TRITON_VERSION ?= 3.9.0
 LIGHTNING_VERSION ?= 2.6.6
 TRANSFORMERS_VERSION ?= 5.24.0
 ACCELERATE_VERSION ?= 1.15.0
-STAMP := $(VENV)/.installed-$(TORCH_VERSION)-$(TRITON_VERSION)-$(LIGHTNING_VERSION)-$(TRANSFORMERS_VERSION)
+SKLEARN_VERSION ?= 1.9.1
+STAMP := $(VENV)/.installed-$(TORCH_VERSION)-$(TRITON_VERSION)-$(LIGHTNING_VERSION)-$(TRANSFORMERS_VERSION)-$(SKLEARN_VERSION)
 
 .PHONY: profile test lint install study clean
 
@@ -16,7 +17,7 @@ $(STAMP): pyproject.toml setup.py
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet "torch==$(TORCH_VERSION)" "triton==$(TRITON_VERSION)" numpy "pytest>=8" "ruff==0.14.0" \
-		scikit-learn "setuptools>=69" wheel "pybind11>=2.12" \
+		"scikit-learn==$(SKLEARN_VERSION)" "setuptools>=69" wheel "pybind11>=2.12" \
 		"lightning==$(LIGHTNING_VERSION)" "transformers==$(TRANSFORMERS_VERSION)" "accelerate==$(ACCELERATE_VERSION)"
 	touch $(STAMP)
 
