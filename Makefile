@@ -11,7 +11,7 @@ ACCELERATE_VERSION ?= 1.15.0
 SKLEARN_VERSION ?= 1.9.1
 STAMP := $(VENV)/.installed-$(TORCH_VERSION)-$(TRITON_VERSION)-$(LIGHTNING_VERSION)-$(TRANSFORMERS_VERSION)-$(SKLEARN_VERSION)
 
-.PHONY: profile test lint install study clean
+.PHONY: profile test lint install study peers clean
 
 $(STAMP): pyproject.toml setup.py
 	$(PYTHON) -m venv $(VENV)
@@ -33,6 +33,11 @@ profile: install
 study: install
 	$(BIN)/pip install --quiet "torch==$(TORCH_VERSION)" scikit-learn matplotlib tqdm
 	$(BIN)/python -m bench.effectiveness
+
+# sema against the EMA libraries people use (bench/peers.py), all on this machine.
+peers: install
+	$(BIN)/pip install --quiet "torch==$(TORCH_VERSION)" ema-pytorch torch-ema diffusers matplotlib tqdm
+	$(BIN)/python bench/peers.py --json bench/results/latest-peers.json --plot bench/results/latest-peers.png
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

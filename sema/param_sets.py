@@ -60,13 +60,31 @@ def many_small() -> list[Shape]:
     return [(1 + (i * 7919) % 4096,) for i in range(2000)]
 
 
+def tiny() -> list[Shape]:
+    """7 tensors of awkward sizes, for tests and quick runs (not a measurement): 17.1K elements."""
+    return [(17,), (1,), (33, 9), (4097,), (64, 64, 3, 1), (15,), (127, 3)]
+
+
 PARAM_SETS: dict[str, Callable[[], list[Shape]]] = {
     "resnet50": resnet50,
     "vit_b16": vit_b16,
     "gpt2_124m": gpt2_124m,
     "decoder_1b": decoder_1b,
     "many_small": many_small,
+    "tiny": tiny,
 }
+
+# The sets ``--set all`` means: every model-shaped set (the tiny test set is left out).
+MODEL_SETS: tuple[str, ...] = ("resnet50", "vit_b16", "gpt2_124m", "decoder_1b", "many_small")
+
+
+def describe(name: str) -> str:
+    """One line per set: its name, tensor count, element count and docstring summary."""
+    shapes = PARAM_SETS[name]()
+    summary = " ".join((PARAM_SETS[name].__doc__ or "").split()).split(":")[0]
+    n = numel(shapes)
+    size = f"{n / 1e6:.1f}M" if n >= 1e6 else f"{n / 1e3:.1f}K"
+    return f"{name}: {len(shapes)} tensors, {size} elements; {summary}"
 
 
 def numel(shapes: list[Shape]) -> int:
