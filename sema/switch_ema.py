@@ -255,16 +255,16 @@ class SwitchEMA:
         ``switch_every`` says so) the switch ``param <- ema`` is fused into the same pass.
         The decay comes from a device step counter: no host sync (unless ``skip_nonfinite``).
         """
-        compiling = torch.compiler.is_compiling()
-        if not compiling:
+        host_count = self._needs_host_count()
+        if not torch.compiler.is_compiling():
             self._check_placement("update")
-        elif self._needs_host_count():
+        elif host_count:
             raise RuntimeError(
                 "SwitchEMA.update under torch.compile supports update_every=1, switch_every='epoch' or None "
                 "and skip_nonfinite=False: the other policies count calls on the host. Compile with those, "
                 "or leave update() eager"
             )
-        if self._needs_host_count():
+        if host_count:  # otherwise every call is an update and the device step is the count
             self._calls += 1
             if isinstance(self.switch_every, int) and self._switch_due(self._calls, self.switch_every):
                 switch = True
@@ -277,8 +277,6 @@ class SwitchEMA:
                 if switch:
                     self.switch()
                 return
-        elif not compiling:
-            self._calls += 1
         weights = {device: self.schedule.weight(step) for device, step in self._steps.items()}
         for bucket in self.buckets:
             ops.dispatch_update(
