@@ -263,6 +263,27 @@ def test_switch_cast_bit_equal_to_torch(param_dtype, isa, generator):
 
 
 @pytest.mark.parametrize("pair", DTYPE_PAIRS, ids=pair_id)
+def test_large_switch_streams_every_element(pair, generator):
+    """Destinations of 16 MiB and more take the non-temporal store path (csrc/ema_cpu.cpp,
+    kStreamMinBytes): unaligned starts, both threads' ranges and the tail all land."""
+    param_dtype, ema_dtype = pair
+    n = (16 << 20) // torch.empty((), dtype=param_dtype).element_size() + 37
+    if ema_dtype == param_dtype:  # a raw copy: random bits, NaN payloads included
+        source = random_bits(n + 3, ema_dtype, generator)
+    else:
+        source = special_fp32(generator).repeat(n // 2**20 + 2)[: n + 3]
+    for start in (0, 1, 3):  # 16-byte aligned, and not
+        ema = source[start : start + n - start]
+        param = poisoned(n + 3, param_dtype)[start : start + n - start]
+        sema.ops.switch_(ema, param, backend="cpp")
+        expected = ema.to(param_dtype, copy=True)
+        if ema_dtype == param_dtype:
+            assert_bits_equal(param, expected, f"copy of {ema.numel()} from offset {start}")
+        else:
+            assert_same(param, expected, f"cast of {ema.numel()} from offset {start}")
+
+
+@pytest.mark.parametrize("pair", DTYPE_PAIRS, ids=pair_id)
 def test_switch_matches_reference(pair, generator):
     param_dtype, ema_dtype = pair
     for n in SIZES:

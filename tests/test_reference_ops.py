@@ -79,6 +79,23 @@ def test_update_switch_matches_fp64(pair, n, w, generator):
     run_update_trajectory(reference_update, *pair, n, w, True, True, 30, generator)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("w", [1e-4, 1e-3, 0.3337, 0.77, 0.9999])
+@pytest.mark.parametrize("w_as_tensor", [False, True], ids=["w_float", "w_tensor"])
+@pytest.mark.parametrize("switch", [False, True], ids=["update", "update_switch"])
+def test_reduced_ema_is_one_rounding_of_the_fp32_lerp(dtype, w, w_as_tensor, switch, generator):
+    """A bf16/fp16 EMA gets the fp32 lerp (fp32 weight) rounded once, bit for bit. The fp64
+    bounds above cannot see a weight rounded to bf16 first (what ``Tensor.lerp_`` does with a
+    tensor weight on a bf16 tensor): its error hides under the final rounding."""
+    n = 2**20 + 3
+    ema, param = random_values(n, dtype, generator), random_values(n, dtype, generator)
+    expected = ema.float().lerp_(param.float(), torch.tensor(w, dtype=torch.float32)).to(dtype)
+    sema.ops.ema_update_(ema, param, torch.tensor(w) if w_as_tensor else w, switch=switch, backend="torch")
+    assert_bits_equal(ema, expected, "ema")
+    if switch:
+        assert_bits_equal(param, expected, "switched param")
+
+
 @pytest.mark.parametrize("n", [0, 1, 4097], ids=lambda n: f"n{n}")
 @pytest.mark.parametrize("pair", DTYPE_PAIRS, ids=pair_id)
 def test_switch_writes_cast_ema(pair, n, generator):
