@@ -8,6 +8,9 @@ every param); the padding between params is zero in both the param and the EMA b
 
 from __future__ import annotations
 
+import ctypes
+import os
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -15,6 +18,11 @@ import torch
 from torch import Tensor, nn
 
 ALIGN_BYTES = 16
+
+# CPU buckets of this size and more ask Linux for transparent huge pages (see _empty).
+HUGE_PAGE_BYTES = 2 << 20
+HUGE_PAGE_MIN_BYTES = 4 * HUGE_PAGE_BYTES
+_MADV_HUGEPAGE = 14  # <sys/mman.h> on Linux
 
 
 class BucketMovedError(RuntimeError):
@@ -87,13 +95,13 @@ def build_bucket(
         numels.append(p.numel())
         total += p.numel()
     total = _align(total, dtype)
-    flat = torch.zeros(total, dtype=dtype, device=device)
+    flat = _empty(total, dtype, device).zero_()
     with torch.no_grad():
         for (_, p), offset in zip(members, offsets, strict=False):
             view = flat.as_strided(p.shape, _dense_strides(p), offset)
             view.copy_(p.data)
             p.data = view
-        ema_flat = flat.to(ema_dtype, copy=True)
+        ema_flat = _empty(total, ema_dtype, device).copy_(flat)
     params = [p for _, p in members]
     return FlatBucket(
         device=device,
@@ -106,3 +114,36 @@ def build_bucket(
         numels=numels,
         data_ptrs=tuple(p.data_ptr() for p in params),
     )
+
+
+def huge_pages_wanted() -> bool:
+    """False when ``SEMA_HUGEPAGES=0`` (or off/false/no) turns the huge-page request off."""
+    return os.environ.get("SEMA_HUGEPAGES", "1").strip().lower() not in ("0", "off", "false", "no")
+
+
+def _empty(numel: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """An uninitialised bucket buffer. On Linux CPUs, one of HUGE_PAGE_MIN_BYTES or more is
+    madvise()d MADV_HUGEPAGE before its first touch, so the kernel backs it with 2 MiB pages
+    where transparent huge pages are enabled ("always" or "madvise"). Every EMA op streams the
+    whole bucket; with 4 KiB pages that is a TLB miss per 4 KiB, which under a VM's nested
+    paging costs ~10% of the update (bench/results/hugepages-*.json). Best effort: on any
+    failure the buffer is simply left on normal pages."""
+    flat = torch.empty(numel, dtype=dtype, device=device)
+    nbytes = flat.numel() * flat.element_size()
+    if device.type == "cpu" and sys.platform == "linux" and nbytes >= HUGE_PAGE_MIN_BYTES and huge_pages_wanted():
+        start = -(-flat.data_ptr() // HUGE_PAGE_BYTES) * HUGE_PAGE_BYTES
+        end = (flat.data_ptr() + nbytes) // HUGE_PAGE_BYTES * HUGE_PAGE_BYTES
+        if end > start:
+            _madvise_hugepage(start, end - start)
+    return flat
+
+
+def _madvise_hugepage(address: int, length: int) -> bool:
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        madvise = libc.madvise
+        madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+        madvise.restype = ctypes.c_int
+        return madvise(address, length, _MADV_HUGEPAGE) == 0
+    except (OSError, AttributeError):
+        return False

@@ -608,3 +608,55 @@ def test_reset_restarts_the_average_from_the_params():
     emas = emas_of(ema)
     for name, p in model.named_parameters():
         assert_bits_equal(emas[name], p.detach(), name)
+
+
+@pytest.mark.parametrize("setting", ["1", "0"])
+def test_large_cpu_buckets_ask_for_huge_pages(setting, monkeypatch):
+    """CPU buckets of 8 MiB and more are madvise()d MADV_HUGEPAGE over their whole 2 MiB-aligned
+    interior; SEMA_HUGEPAGES=0 turns that off. Values and the zero padding are unaffected."""
+    from sema import buckets
+
+    calls = []
+    monkeypatch.setattr(buckets, "_madvise_hugepage", lambda address, length: calls.append((address, length)))
+    monkeypatch.setattr(buckets.sys, "platform", "linux")
+    monkeypatch.setenv("SEMA_HUGEPAGES", setting)
+    model = nn.Sequential(nn.Linear(1500, 1500), nn.Linear(1500, 3, bias=False))  # 9 MB of fp32
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    ema = sema.SwitchEMA(model, backend="torch")
+    bucket = ema.buckets[0]
+    for name, p in model.named_parameters():
+        assert_bits_equal(p.detach(), before[name], name)
+    assert int(torch.count_nonzero(bucket.param_flat)) == sum(int(torch.count_nonzero(v)) for v in before.values())
+    assert_bits_equal(bucket.ema_flat, bucket.param_flat, "EMA starts as the params")
+    if setting == "0":
+        assert calls == []
+        return
+    assert len(calls) == 2  # the param bucket and the EMA bucket
+    huge = buckets.HUGE_PAGE_BYTES
+    for (address, length), flat in zip(calls, (bucket.param_flat, bucket.ema_flat), strict=True):
+        start, end = flat.data_ptr(), flat.data_ptr() + flat.numel() * flat.element_size()
+        assert address % huge == 0 and length % huge == 0 and length > 0
+        assert start <= address and address + length <= end
+        assert address - start < huge and end - (address + length) < huge  # the whole interior
+
+
+def test_small_buckets_and_non_linux_skip_huge_pages(monkeypatch):
+    from sema import buckets
+
+    calls = []
+    monkeypatch.setattr(buckets, "_madvise_hugepage", lambda address, length: calls.append((address, length)))
+    sema.SwitchEMA(nn.Linear(100, 100), backend="torch")  # 40 KB
+    monkeypatch.setattr(buckets.sys, "platform", "darwin")
+    sema.SwitchEMA(nn.Linear(1500, 1500), backend="torch")
+    assert calls == []
+
+
+def test_madvise_hugepage_really_asks_the_kernel():
+    """The real call: Linux accepts it for a 2 MiB-aligned range (THP off only makes it a no-op)."""
+    from sema import buckets
+
+    if buckets.sys.platform != "linux":
+        pytest.skip("Linux only")
+    flat = buckets._empty(3 * buckets.HUGE_PAGE_BYTES, torch.uint8, torch.device("cpu"))
+    start = -(-flat.data_ptr() // buckets.HUGE_PAGE_BYTES) * buckets.HUGE_PAGE_BYTES
+    assert buckets._madvise_hugepage(start, buckets.HUGE_PAGE_BYTES)
