@@ -10,12 +10,20 @@
 // The lerp is fma(coeff, p - e, base), (coeff, base) = (w, e) if w < 0.5 else (w - 1, p):
 // the value PyTorch's CUDA lerp gives once nvcc contracts its two-branch formula. w comes
 // either as a value or as a pointer to one fp32 on the device (no host sync, graph capturable).
+//
+// The kernel body is __host__ __device__ and takes its block and thread indices as arguments,
+// so that a test build (-DSEMA_CUDA_HOST_EMULATION, tests/test_cuda_emulated.py) runs these
+// very kernels, launch tables and dtype dispatch on the CPU, one (block, thread) at a time:
+// each element belongs to exactly one thread and no thread reads another's, so running the
+// threads in turn gives what the GPU gives (casts in the CUDA headers' host implementations).
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <cstdio>
+#include <cstring>
 #include <stdexcept>
 #include <string>
 #include <type_traits>
@@ -33,6 +41,18 @@ constexpr int kBFloat16 = 1;
 constexpr int kFloat16 = 2;
 
 namespace {
+
+#define SEMA_HD __host__ __device__ __forceinline__
+
+SEMA_HD float bits_as_float(uint32_t u) {
+#ifdef __CUDA_ARCH__
+  return __uint_as_float(u);
+#else
+  float f;
+  std::memcpy(&f, &u, sizeof(f));
+  return f;
+#endif
+}
 
 constexpr int kThreads = 256;
 constexpr int kBlocksPerSm = 4;  // 1024 threads per SM at <= 64 registers each
@@ -54,20 +74,20 @@ enum class Op { kUpdate, kUpdateSwitch, kSwitch, kExchange, kPack, kUnpack };
 // Element types: load() widens to fp32 exactly, store() rounds to nearest even.
 struct Float32 {
   using Storage = float;
-  __device__ static float load(float x) { return x; }
-  __device__ static float store(float x) { return x; }
+  SEMA_HD static float load(float x) { return x; }
+  SEMA_HD static float store(float x) { return x; }
 };
 
 struct BFloat16 {
   using Storage = uint16_t;
-  __device__ static float load(uint16_t h) { return __uint_as_float(static_cast<uint32_t>(h) << 16); }
-  __device__ static uint16_t store(float f) { return __bfloat16_as_ushort(__float2bfloat16_rn(f)); }
+  SEMA_HD static float load(uint16_t h) { return bits_as_float(static_cast<uint32_t>(h) << 16); }
+  SEMA_HD static uint16_t store(float f) { return __bfloat16_as_ushort(__float2bfloat16_rn(f)); }
 };
 
 struct Float16 {
   using Storage = uint16_t;
-  __device__ static float load(uint16_t h) { return __half2float(__ushort_as_half(h)); }
-  __device__ static uint16_t store(float f) { return __half_as_ushort(__float2half_rn(f)); }
+  SEMA_HD static float load(uint16_t h) { return __half2float(__ushort_as_half(h)); }
+  SEMA_HD static uint16_t store(float f) { return __half_as_ushort(__float2half_rn(f)); }
 };
 
 // Raw words for the swaps, which move bits and never convert.
@@ -84,7 +104,7 @@ struct alignas(16) Vector {
 };
 
 template <typename E, typename P, Op OP>
-__device__ __forceinline__ void apply(typename E::Storage& e, typename P::Storage& p, float coeff, bool small_weight) {
+SEMA_HD void apply(typename E::Storage& e, typename P::Storage& p, float coeff, bool small_weight) {
   if constexpr (OP == Op::kUpdate || OP == Op::kUpdateSwitch) {
     const float ev = E::load(e);
     const float pv = P::load(p);
@@ -124,9 +144,10 @@ __device__ __forceinline__ void apply(typename E::Storage& e, typename P::Storag
   }
 }
 
+// What thread `thread` of block `block` (of `grid`) does: the whole kernel, minus the indices.
 template <typename E, typename P, Op OP>
-__global__ void __launch_bounds__(kThreads, kBlocksPerSm)
-    ema_kernel(const __grid_constant__ TensorTable table, const float* __restrict__ w_ptr, float w_value) {
+SEMA_HD void run_thread(const TensorTable& table, const float* __restrict__ w_ptr, float w_value, int64_t block,
+                        int64_t grid, int thread) {
   using EStorage = typename E::Storage;
   using PStorage = typename P::Storage;
   // elements per 16 bytes of the narrower dtype (8 for fp32 ema with bf16 params: 32 + 16 bytes)
@@ -144,7 +165,7 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm)
   }
 
   const int64_t total_chunks = table.first_chunk[table.count];
-  for (int64_t chunk = blockIdx.x; chunk < total_chunks; chunk += gridDim.x) {
+  for (int64_t chunk = block; chunk < total_chunks; chunk += grid) {
     int lo = 0;  // binary search for the last tensor whose first chunk is <= chunk
     int hi = table.count - 1;
     while (lo < hi) {
@@ -167,7 +188,7 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm)
       using EVector = Vector<EStorage, V>;
       using PVector = Vector<PStorage, V>;
       const int64_t n_vectors = n / V;
-      for (int64_t v = threadIdx.x; v < n_vectors; v += kThreads) {
+      for (int64_t v = thread; v < n_vectors; v += kThreads) {
         EVector e = reinterpret_cast<const EVector*>(ema)[v];
         PVector p;
         if constexpr (kReadsParam) p = reinterpret_cast<const PVector*>(param)[v];
@@ -183,7 +204,7 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm)
       }
       scalar_start = n_vectors * V;
     }
-    for (int64_t i = scalar_start + threadIdx.x; i < n; i += kThreads) {
+    for (int64_t i = scalar_start + thread; i < n; i += kThreads) {
       EStorage e = ema[i];
       PStorage p{};
       if constexpr (kReadsParam) p = param[i];
@@ -192,6 +213,12 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm)
       if constexpr (kWritesParam) param[i] = p;
     }
   }
+}
+
+template <typename E, typename P, Op OP>
+__global__ void __launch_bounds__(kThreads, kBlocksPerSm)
+    ema_kernel(const __grid_constant__ TensorTable table, const float* __restrict__ w_ptr, float w_value) {
+  run_thread<E, P, OP>(table, w_ptr, w_value, blockIdx.x, gridDim.x, static_cast<int>(threadIdx.x));
 }
 
 [[noreturn]] void raise_cuda_error(const char* op, const char* what, cudaError_t error) {
@@ -229,22 +256,16 @@ struct Pair {
   int64_t numel;
 };
 
-template <typename E, typename P, Op OP>
-void launch(const char* op, const std::vector<Pair>& pairs, const float* w_ptr, float w_value, int device,
-            cudaStream_t stream) {
-  DeviceGuard guard(op, device);
-  int sm_count = 0;
-  SEMA_CUDA_CHECK(op, cudaDeviceGetAttribute(&sm_count, cudaDevAttrMultiProcessorCount, device));
-  const int64_t max_blocks = static_cast<int64_t>(sm_count) * kBlocksPerSm;
-
+// Cuts `pairs` into tables of up to kMaxTensors non-empty tensors and calls
+// run(table, blocks) for each, with blocks = min(chunks in the table, max_blocks).
+template <typename Run>
+void for_each_table(const std::vector<Pair>& pairs, int64_t max_blocks, const Run& run) {
   TensorTable table{};
   int64_t chunks = 0;
   auto flush = [&]() {
     if (table.count == 0) return;
     table.first_chunk[table.count] = chunks;
-    const int64_t blocks = chunks < max_blocks ? chunks : max_blocks;
-    ema_kernel<E, P, OP><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(table, w_ptr, w_value);
-    SEMA_CUDA_CHECK(op, cudaGetLastError());
+    run(table, chunks < max_blocks ? chunks : max_blocks);
     table = TensorTable{};
     chunks = 0;
   };
@@ -259,6 +280,32 @@ void launch(const char* op, const std::vector<Pair>& pairs, const float* w_ptr, 
   }
   flush();
 }
+
+#ifdef SEMA_CUDA_HOST_EMULATION
+int64_t emulated_max_blocks = 132 * kBlocksPerSm;  // an H100's; tests/test_cuda_emulated.py varies it
+
+template <typename E, typename P, Op OP>
+void launch(const char*, const std::vector<Pair>& pairs, const float* w_ptr, float w_value, int, cudaStream_t) {
+  for_each_table(pairs, emulated_max_blocks, [&](const TensorTable& table, int64_t blocks) {
+    for (int64_t block = 0; block < blocks; ++block) {
+      for (int thread = 0; thread < kThreads; ++thread) run_thread<E, P, OP>(table, w_ptr, w_value, block, blocks, thread);
+    }
+  });
+}
+#else
+template <typename E, typename P, Op OP>
+void launch(const char* op, const std::vector<Pair>& pairs, const float* w_ptr, float w_value, int device,
+            cudaStream_t stream) {
+  DeviceGuard guard(op, device);
+  int sm_count = 0;
+  SEMA_CUDA_CHECK(op, cudaDeviceGetAttribute(&sm_count, cudaDevAttrMultiProcessorCount, device));
+  const int64_t max_blocks = static_cast<int64_t>(sm_count) * kBlocksPerSm;
+  for_each_table(pairs, max_blocks, [&](const TensorTable& table, int64_t blocks) {
+    ema_kernel<E, P, OP><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(table, w_ptr, w_value);
+    SEMA_CUDA_CHECK(op, cudaGetLastError());
+  });
+}
+#endif
 
 template <Op OP>
 void launch_update(const char* op, const std::vector<Pair>& pairs, int ema_dtype, int param_dtype, const float* w_ptr,
@@ -358,6 +405,9 @@ void swap(uintptr_t ema, uintptr_t param, int64_t n, int ema_dtype, int param_dt
   }
 }
 
+#ifdef SEMA_CUDA_HOST_EMULATION
+void set_emulated_max_blocks(int64_t blocks) { emulated_max_blocks = blocks; }
+#else
 // "" when the kernels can run on `device`, else the reason they cannot.
 std::string probe(int device) {
   int count = 0;
@@ -414,6 +464,55 @@ int driver_version() {
   cudaDriverGetVersion(&version);
   return version;
 }
+#endif  // SEMA_CUDA_HOST_EMULATION
 
 }  // namespace cuda
 }  // namespace sema
+
+#ifdef SEMA_CUDA_HOST_EMULATION
+// C entry points of the test build (ctypes): 0 on success, else 1 and the exception's message.
+namespace {
+template <typename Call>
+int report(char* error, int64_t error_size, const Call& call) {
+  try {
+    call();
+    return 0;
+  } catch (const std::exception& exc) {
+    std::snprintf(error, static_cast<size_t>(error_size), "%s", exc.what());
+    return 1;
+  }
+}
+}  // namespace
+
+extern "C" {
+void sema_emulated_set_max_blocks(int64_t blocks) { sema::cuda::set_emulated_max_blocks(blocks); }
+
+int sema_emulated_update(uintptr_t ema, uintptr_t param, int64_t n, int ema_dtype, int param_dtype, float w_value,
+                         uintptr_t w_ptr, int switch_param, char* error, int64_t error_size) {
+  return report(error, error_size, [&] {
+    sema::cuda::ema_update(ema, param, n, ema_dtype, param_dtype, w_value, w_ptr, switch_param != 0, 0, 0);
+  });
+}
+
+int sema_emulated_update_multi(const uintptr_t* emas, const uintptr_t* params, const int64_t* numels,
+                               const int* ema_dtypes, const int* param_dtypes, int64_t count, float w_value,
+                               uintptr_t w_ptr, int switch_param, char* error, int64_t error_size) {
+  return report(error, error_size, [&] {
+    sema::cuda::ema_update_multi({emas, emas + count}, {params, params + count}, {numels, numels + count},
+                                 {ema_dtypes, ema_dtypes + count}, {param_dtypes, param_dtypes + count}, w_value,
+                                 w_ptr, switch_param != 0, 0, 0);
+  });
+}
+
+int sema_emulated_switch(uintptr_t ema, uintptr_t param, int64_t n, int ema_dtype, int param_dtype, char* error,
+                         int64_t error_size) {
+  return report(error, error_size, [&] { sema::cuda::switch_param(ema, param, n, ema_dtype, param_dtype, 0, 0); });
+}
+
+int sema_emulated_swap(uintptr_t ema, uintptr_t param, int64_t n, int ema_dtype, int param_dtype, int restore,
+                       char* error, int64_t error_size) {
+  return report(error, error_size,
+                [&] { sema::cuda::swap(ema, param, n, ema_dtype, param_dtype, restore != 0, 0, 0); });
+}
+}  // extern "C"
+#endif  // SEMA_CUDA_HOST_EMULATION

@@ -1,0 +1,333 @@
+"""The CUDA kernels of csrc/ema_cuda.cu, run on the CPU.
+
+nvcc builds csrc/ema_cuda.cu with -DSEMA_CUDA_HOST_EMULATION: the same kernel body
+(``run_thread``), launch tables (``for_each_table``: 64 tensors per launch, 8192-element chunks,
+blocks = min(chunks, max blocks)) and dtype dispatch as sema._C, with each launch run on the host
+one (block, thread) at a time. That is exact for these kernels (each element belongs to one
+thread; no thread reads another's), so the tables below check the GPU code's indexing, vector
+and scalar paths, tails, grid-stride loops and formulas where no GPU is lent. What it cannot
+check is the device itself: the intrinsics' device implementations, the launch, streams and
+CUDA graphs; tests/test_cuda_ext.py does that on a GPU.
+
+Tolerances as in test_cpp.py and test_cuda_ext.py: bit equality with the ``torch`` backend (the
+kernels compute the lerp as one fma, which torch.lerp_ also does on an AVX2 CPU; a NaN only has to
+be a NaN), and the fp64 bound of ``conftest.update_bound`` at every step.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import (
+    DTYPE_PAIRS,
+    assert_bits_equal,
+    assert_within,
+    fp32_weight,
+    pair_id,
+    poisoned,
+    random_values,
+    update_bound,
+)
+from torch import Tensor
+
+from sema import reference
+from sema._extension import DTYPE_CODES
+
+ROOT = Path(__file__).resolve().parents[1]
+SOURCE = ROOT / "csrc" / "ema_cuda.cu"
+CHUNK = 8192  # kChunkElements
+SIZES = [0, 1, 15, 17, 4097, CHUNK - 1, CHUNK, CHUNK + 1, 3 * CHUNK + 5, 2**20 + 3]
+WEIGHTS = [0.0, 1e-4, 0.5, 0.7, 1.0]
+STEPS = 20
+SWAP_PAIRS = [pair for pair in DTYPE_PAIRS if pair != (torch.float16, torch.float32)]
+BITS = {4: torch.int32, 2: torch.int16}
+H100_BLOCKS = 132 * 4
+
+
+def find_nvcc() -> str | None:
+    fallback = Path("/usr/local/cuda/bin/nvcc")
+    return shutil.which("nvcc") or (str(fallback) if fallback.is_file() else None)
+
+
+class EmulatedKernels:
+    """sema._C's CUDA entry points, built for the host; methods take CPU tensors."""
+
+    def __init__(self, library: Path):
+        self.lib = ctypes.CDLL(str(library))
+        ptr, i64, i32, f32, err = ctypes.c_size_t, ctypes.c_int64, ctypes.c_int, ctypes.c_float, ctypes.c_char_p
+        self.lib.sema_emulated_set_max_blocks.argtypes = [i64]
+        self.lib.sema_emulated_update.argtypes = [ptr, ptr, i64, i32, i32, f32, ptr, i32, err, i64]
+        self.lib.sema_emulated_update_multi.argtypes = [
+            ctypes.POINTER(ptr), ctypes.POINTER(ptr), ctypes.POINTER(i64), ctypes.POINTER(i32),
+            ctypes.POINTER(i32), i64, f32, ptr, i32, err, i64,
+        ]  # fmt: skip
+        self.lib.sema_emulated_switch.argtypes = [ptr, ptr, i64, i32, i32, err, i64]
+        self.lib.sema_emulated_swap.argtypes = [ptr, ptr, i64, i32, i32, i32, err, i64]
+        self.set_max_blocks(H100_BLOCKS)
+
+    def set_max_blocks(self, blocks: int) -> None:
+        self.lib.sema_emulated_set_max_blocks(blocks)
+
+    @staticmethod
+    def _call(fn, *args) -> None:
+        error = ctypes.create_string_buffer(1024)
+        if fn(*args, error, len(error)) != 0:
+            raise RuntimeError(error.value.decode())
+
+    @staticmethod
+    def _weight(w: float | Tensor) -> tuple[float, int]:
+        if isinstance(w, Tensor):
+            assert w.dtype == torch.float32 and w.numel() == 1 and w.device.type == "cpu"
+            return 0.0, w.data_ptr()  # the kernels read w through the pointer, as on the GPU
+        return float(w), 0
+
+    @staticmethod
+    def _pair(ema: Tensor, param: Tensor) -> tuple[int, int]:
+        assert ema.is_contiguous() and param.is_contiguous() and ema.numel() == param.numel()
+        return DTYPE_CODES[ema.dtype], DTYPE_CODES[param.dtype]
+
+    def ema_update_(self, ema: Tensor, param: Tensor, w: float | Tensor, switch: bool = False) -> None:
+        codes = self._pair(ema, param)
+        w_value, w_ptr = self._weight(w)
+        self._call(
+            self.lib.sema_emulated_update, ema.data_ptr(), param.data_ptr(), ema.numel(), *codes, w_value, w_ptr, switch
+        )
+
+    def ema_update_multi_(self, emas: list[Tensor], params: list[Tensor], w: float | Tensor, switch: bool) -> None:
+        n = len(emas)
+        codes = [self._pair(e, p) for e, p in zip(emas, params, strict=True)]
+        w_value, w_ptr = self._weight(w)
+        self._call(
+            self.lib.sema_emulated_update_multi,
+            (ctypes.c_size_t * n)(*[e.data_ptr() for e in emas]),
+            (ctypes.c_size_t * n)(*[p.data_ptr() for p in params]),
+            (ctypes.c_int64 * n)(*[e.numel() for e in emas]),
+            (ctypes.c_int * n)(*[c[0] for c in codes]),
+            (ctypes.c_int * n)(*[c[1] for c in codes]),
+            n,
+            w_value,
+            w_ptr,
+            switch,
+        )
+
+    def switch_(self, ema: Tensor, param: Tensor) -> None:
+        codes = self._pair(ema, param)
+        self._call(self.lib.sema_emulated_switch, ema.data_ptr(), param.data_ptr(), ema.numel(), *codes)
+
+    def swap_(self, ema: Tensor, param: Tensor, restore: bool = False) -> None:
+        codes = self._pair(ema, param)
+        self._call(self.lib.sema_emulated_swap, ema.data_ptr(), param.data_ptr(), ema.numel(), *codes, restore)
+
+
+@pytest.fixture(scope="module")
+def kernels(tmp_path_factory) -> EmulatedKernels:
+    nvcc = find_nvcc()
+    if nvcc is None:
+        pytest.skip("nvcc not found: the emulated CUDA kernels need it to build")
+    digest = hashlib.sha256(SOURCE.read_bytes()).hexdigest()[:16]
+    library = tmp_path_factory.mktemp("cuda-emulation") / f"libsema_cuda_emulated_{digest}.so"
+    command = [nvcc, "-std=c++17", "-O2", "-Xcompiler", "-fPIC", "-shared", "-DSEMA_CUDA_HOST_EMULATION"]
+    build = subprocess.run(
+        [*command, "-o", str(library), str(SOURCE)], capture_output=True, text=True, timeout=600, check=False
+    )
+    assert build.returncode == 0, f"nvcc failed:\n{build.stderr[-4000:]}"
+    return EmulatedKernels(library)
+
+
+def assert_same(actual: Tensor, expected: Tensor, what: str) -> None:
+    """Bit equality, except that a NaN only has to be a NaN."""
+    int_type = BITS[actual.element_size()]
+    if actual.dtype == expected.dtype and torch.equal(actual.view(int_type), expected.view(int_type)):
+        return
+    nan = torch.isnan(expected)
+    if not torch.equal(torch.isnan(actual), nan):
+        idx = int((torch.isnan(actual) != nan).nonzero()[0])
+        raise AssertionError(f"{what}: NaN where none is expected or the reverse, first at {idx}: {actual[idx]!r}")
+    assert_bits_equal(actual.masked_fill(nan, 0), expected.masked_fill(nan, 0), what)
+
+
+def torch_lerp_is_one_fma() -> bool:
+    """torch.lerp_ on this CPU rounds as the kernels (one fma) when its capability is AVX2 or up."""
+    return torch.backends.cpu.get_cpu_capability() != "DEFAULT"
+
+
+# --- updates ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("switch", [False, True], ids=["update", "update_switch"])
+@pytest.mark.parametrize("w_as_tensor", [False, True], ids=["w_value", "w_pointer"])
+@pytest.mark.parametrize("w", WEIGHTS, ids=lambda w: f"w{w}")
+@pytest.mark.parametrize("n", SIZES, ids=lambda n: f"n{n}")
+@pytest.mark.parametrize("pair", DTYPE_PAIRS, ids=pair_id)
+def test_update_matches_reference_and_fp64(kernels, pair, n, w, w_as_tensor, switch, generator):
+    param_dtype, ema_dtype = pair
+    ema = random_values(n, ema_dtype, generator)
+    expected_ema = ema.clone()
+    weight = torch.tensor(w, dtype=torch.float32) if w_as_tensor else w
+    for step in range(STEPS if n < 2**20 else 3):
+        param = random_values(n, param_dtype, generator)
+        expected_param = param.clone()
+        e64, p64 = ema.double(), param.double()
+        kernels.ema_update_(ema, param, weight, switch)
+        reference.ema_update_(expected_ema, expected_param, weight, switch)
+        what = f"step {step}"
+        if torch_lerp_is_one_fma():
+            assert_same(ema, expected_ema, f"{what}: ema vs the torch backend")
+            assert_same(param, expected_param, f"{what}: param vs the torch backend")
+        exact = torch.lerp(e64, p64, fp32_weight(w))
+        if w == 0.0:
+            assert_bits_equal(ema, e64.to(ema_dtype), f"{what}: w=0 leaves the EMA")
+        elif w != 1.0:
+            assert_within(ema, exact, update_bound(e64, p64, exact, ema_dtype), f"{what}: vs fp64")
+        if switch:
+            assert_same(param, ema.to(param_dtype), f"{what}: the switched param must be the cast EMA")
+        else:
+            assert_bits_equal(param, p64.to(param_dtype), f"{what}: update must not write the param")
+        expected_ema.copy_(ema)
+
+
+@pytest.mark.parametrize("blocks", [1, 3, 7])
+@pytest.mark.parametrize("pair", DTYPE_PAIRS, ids=pair_id)
+def test_grid_stride_with_few_blocks(kernels, pair, blocks, generator):
+    """Fewer blocks than chunks: each block walks several chunks (and tensors)."""
+    param_dtype, ema_dtype = pair
+    n = 10 * CHUNK + 123
+    ema, param = random_values(n, ema_dtype, generator), random_values(n, param_dtype, generator)
+    expected_ema, expected_param = ema.clone(), param.clone()
+    kernels.set_max_blocks(blocks)
+    try:
+        kernels.ema_update_(ema, param, 0.3, True)
+    finally:
+        kernels.set_max_blocks(H100_BLOCKS)
+    reference.ema_update_(expected_ema, expected_param, 0.3, True)
+    assert_same(ema, expected_ema, "ema")
+    assert_same(param, expected_param, "param")
+
+
+@pytest.mark.parametrize("offset", [1, 2, 3])
+@pytest.mark.parametrize("pair", DTYPE_PAIRS, ids=pair_id)
+def test_unaligned_views_take_the_scalar_path(kernels, pair, offset, generator):
+    """Views starting `offset` elements in: the 16-byte vector path is off, the scalar loop runs."""
+    param_dtype, ema_dtype = pair
+    n = 3 * CHUNK + 77
+    ema = random_values(n + offset, ema_dtype, generator)
+    param = random_values(n + offset, param_dtype, generator)
+    head_e, head_p = ema[:offset].clone(), param[:offset].clone()
+    expected_ema, expected_param = ema[offset:].clone(), param[offset:].clone()
+    kernels.ema_update_(ema[offset:], param[offset:], 0.3, True)
+    reference.ema_update_(expected_ema, expected_param, 0.3, True)
+    assert_same(ema[offset:], expected_ema, "unaligned ema")
+    assert_same(param[offset:], expected_param, "unaligned param")
+    assert_bits_equal(ema[:offset], head_e, "bytes before the view")
+    assert_bits_equal(param[:offset], head_p, "bytes before the view")
+
+
+@pytest.mark.parametrize("switch", [False, True], ids=["update", "update_switch"])
+def test_multi_many_tensors(kernels, switch, generator):
+    """150 pairs of mixed dtypes and sizes (0 included): several launches of up to 64 tensors,
+    one dtype pair per launch, the binary search over each table's chunk offsets."""
+    emas, params = [], []
+    for i in range(150):
+        param_dtype, ema_dtype = DTYPE_PAIRS[i % len(DTYPE_PAIRS)]
+        n = (i * 7919) % 20_000 if i % 11 else 0
+        emas.append(random_values(n, ema_dtype, generator))
+        params.append(random_values(n, param_dtype, generator))
+    expected = [(e.clone(), p.clone()) for e, p in zip(emas, params, strict=True)]
+    w = torch.tensor(2e-3)
+    kernels.ema_update_multi_(emas, params, w, switch)
+    for i, (e, p) in enumerate(expected):
+        reference.ema_update_(e, p, w, switch)
+        assert_same(emas[i], e, f"pair {i} ema")
+        assert_same(params[i], p, f"pair {i} param")
+
+
+def test_every_element_written_once_past_a_full_table(kernels):
+    """65 tensors of odd sizes with w=1 (ema <- param): every element, and only those, changes."""
+    sizes = [(i * 4099) % 30_000 + 1 for i in range(65)]
+    emas = [torch.zeros(n) for n in sizes]
+    params = [torch.arange(1, n + 1, dtype=torch.float32) for n in sizes]
+    guard = [torch.full((n + 8,), -7.0) for n in sizes]  # views with untouched tails
+    emas = [g[:n] for g, n in zip(guard, sizes, strict=True)]
+    kernels.ema_update_multi_(emas, params, 1.0, False)
+    for g, p, n in zip(guard, params, sizes, strict=True):
+        assert_bits_equal(g[:n], p, f"tensor of {n}")
+        assert_bits_equal(g[n:], torch.full((8,), -7.0), f"past the end of a tensor of {n}")
+
+
+# --- switch and swap ----------------------------------------------------------------------
+
+
+def special_fp32(generator: torch.Generator) -> Tensor:
+    """Cast edge cases (ties, overflow, subnormals, NaN payloads), then random bit patterns."""
+    values = [0.0, -0.0, 1.0, 1 + 2.0**-8, 1 + 3 * 2.0**-8, 1 + 2.0**-11, 1 + 3 * 2.0**-11, 65504.0, 65520.0]
+    values += [3.4028234e38, 2.0**-24, 2.0**-25, 3 * 2.0**-26, 1e-45, float("inf"), -float("inf"), float("nan")]
+    nan_bits = torch.tensor([0x7F800001, 0x7FC00001, -1], dtype=torch.int32).view(torch.float32)
+    random_bits = torch.randint(-(2**31), 2**31, (3 * CHUNK + 11,), dtype=torch.int32, generator=generator)
+    return torch.cat([torch.tensor(values), nan_bits, random_bits.view(torch.float32)])
+
+
+@pytest.mark.parametrize("param_dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_switch_cast_bit_equal_to_torch(kernels, param_dtype, generator):
+    ema = special_fp32(generator)
+    param = poisoned(ema.numel(), param_dtype)
+    kernels.switch_(ema, param)
+    assert_same(param, ema.to(param_dtype), f"fp32 -> {param_dtype}")
+
+
+@pytest.mark.parametrize("pair", DTYPE_PAIRS, ids=pair_id)
+def test_switch_matches_reference(kernels, pair, generator):
+    param_dtype, ema_dtype = pair
+    for n in SIZES:
+        ema = random_values(n, ema_dtype, generator)
+        param = poisoned(n, param_dtype)
+        kernels.switch_(ema, param)
+        expected = poisoned(n, param_dtype)
+        reference.switch_(ema, expected)
+        assert_same(param, expected, f"switch n={n}")
+
+
+@pytest.mark.parametrize("n", [1, 17, CHUNK + 1, 2**20 + 3], ids=lambda n: f"n{n}")
+@pytest.mark.parametrize("pair", SWAP_PAIRS, ids=pair_id)
+def test_swap_bit_exact_and_restores(kernels, pair, n, generator):
+    """Random bit patterns (NaN payloads included): the swap equals the reference's, and the
+    restoring swap gives back both buffers bit for bit."""
+    param_dtype, ema_dtype = pair
+    ema_bits = torch.randint(-(2**31), 2**31, (n,), dtype=torch.int64, generator=generator)
+    param_bits = torch.randint(-(2**15), 2**15, (n,), dtype=torch.int64, generator=generator)
+    ema = ema_bits.to(BITS[torch.empty((), dtype=ema_dtype).element_size()]).view(ema_dtype)
+    param = param_bits.to(torch.int32 if param_dtype == torch.float32 else torch.int16).view(param_dtype)
+    ema0, param0 = ema.clone(), param.clone()
+    expected_ema, expected_param = ema.clone(), param.clone()
+    kernels.swap_(ema, param)
+    reference.swap_(expected_ema, expected_param)
+    assert_bits_equal(ema, expected_ema, "swapped ema")
+    assert_bits_equal(param, expected_param, "swapped param")
+    kernels.swap_(ema, param, restore=True)
+    assert_bits_equal(ema, ema0, "restored ema")
+    assert_bits_equal(param, param0, "restored param")
+
+
+# --- negative controls --------------------------------------------------------------------
+
+
+def test_a_wrong_kernel_fails_these_checks(kernels, generator):
+    """The emulation is not vacuous: a launch that skips its last block leaves elements the
+    reference changes, and the update check above sees it."""
+    n = 3 * CHUNK
+    ema, param = random_values(n, torch.float32, generator), random_values(n, torch.float32, generator)
+    expected_ema, expected_param = ema.clone(), param.clone()
+    kernels.ema_update_(ema[: 2 * CHUNK], param[: 2 * CHUNK], 0.3, False)  # stands for a lost block
+    reference.ema_update_(expected_ema, expected_param, 0.3, False)
+    with pytest.raises(AssertionError):
+        assert_same(ema, expected_ema, "ema")
+
+
+def test_bad_dtype_pair_raises_with_the_op_name(kernels):
+    with pytest.raises(RuntimeError, match=r"sema ema_update_ \[cuda\]: unsupported dtype pair"):
+        kernels.ema_update_(torch.zeros(4, dtype=torch.bfloat16), torch.zeros(4, dtype=torch.float16), 0.5)
