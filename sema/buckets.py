@@ -124,10 +124,10 @@ def huge_pages_wanted() -> bool:
 def _empty(numel: int, dtype: torch.dtype, device: torch.device) -> Tensor:
     """An uninitialised bucket buffer. On Linux CPUs, one of HUGE_PAGE_MIN_BYTES or more is
     madvise()d MADV_HUGEPAGE before its first touch, so the kernel backs it with 2 MiB pages
-    where transparent huge pages are enabled ("always" or "madvise"). Every EMA op streams the
-    whole bucket; with 4 KiB pages that is a TLB miss per 4 KiB, which under a VM's nested
-    paging costs ~10% of the update (bench/results/hugepages-*.json). Best effort: on any
-    failure the buffer is simply left on normal pages."""
+    where transparent huge pages are enabled ("always" or "madvise"): every EMA op streams the
+    whole bucket, and with 4 KiB pages that is a TLB miss per 4 KiB. On the 2-core VM of
+    bench/results/torch_formulations-cpp-*.json ("4 KiB pages" rows) that gained 3% in the
+    median. Best effort: on any failure the buffer simply stays on normal pages."""
     flat = torch.empty(numel, dtype=dtype, device=device)
     nbytes = flat.numel() * flat.element_size()
     if device.type == "cpu" and sys.platform == "linux" and nbytes >= HUGE_PAGE_MIN_BYTES and huge_pages_wanted():
