@@ -42,6 +42,7 @@ def main() -> None:
         if ema.epoch_end():
             checksum = sum(float(p.detach().double().sum()) for p in model.parameters())
             print(f"rank {rank}: epoch {epoch}: switched model <- EMA (loss {loss.item():.3f}, sum {checksum:.6f})")
+    dist.barrier()  # no rank tears gloo down while another still talks to it
     dist.destroy_process_group()
 
 

@@ -77,8 +77,11 @@ def assert_within(actual: torch.Tensor, expected: torch.Tensor, bound: torch.Ten
         )
 
 
+BITS = {8: torch.int64, 4: torch.int32, 2: torch.int16}  # element size -> integer dtype of the same width
+
+
 def assert_bits_equal(actual: torch.Tensor, expected: torch.Tensor, what: str) -> None:
-    int_type = {4: torch.int32, 2: torch.int16, 8: torch.int64}[actual.element_size()]
+    int_type = BITS[actual.element_size()]
     a, b = actual.contiguous().view(int_type), expected.contiguous().view(int_type)
     diff = a != b
     if actual.dtype != expected.dtype or diff.any():
@@ -87,6 +90,19 @@ def assert_bits_equal(actual: torch.Tensor, expected: torch.Tensor, what: str) -
             f"{what}: {int(diff.sum())} elements differ bitwise (dtypes {actual.dtype}/{expected.dtype}); "
             f"first at {idx}" + (f": {actual[idx].item()!r} vs {expected[idx].item()!r}" if idx >= 0 else "")
         )
+
+
+def assert_same(actual: torch.Tensor, expected: torch.Tensor, what: str) -> None:
+    """Bit equality, except that a NaN only has to be a NaN (kernels may keep other payload bits)."""
+    actual, expected = actual.cpu(), expected.cpu()
+    int_type = BITS[actual.element_size()]
+    if actual.dtype == expected.dtype and torch.equal(actual.view(int_type), expected.view(int_type)):
+        return
+    nan = torch.isnan(expected)
+    if not torch.equal(torch.isnan(actual), nan):
+        idx = int((torch.isnan(actual) != nan).nonzero()[0])
+        raise AssertionError(f"{what}: NaN where none is expected or the reverse, first at {idx}: {actual[idx]!r}")
+    assert_bits_equal(actual.masked_fill(nan, 0), expected.masked_fill(nan, 0), what)
 
 
 @pytest.fixture

@@ -15,8 +15,10 @@ import numpy as np
 import pytest
 import torch
 from conftest import (
+    BITS,
     DTYPE_PAIRS,
     assert_bits_equal,
+    assert_same,
     assert_within,
     fp32_weight,
     pair_id,
@@ -36,7 +38,6 @@ WEIGHTS = [0.0, 1e-4, 0.5, 1.0]
 STEPS = 50
 BIG_STEPS = 3  # 2**20 + 3 elements (the parallel path): a few steps keep the module fast
 SWAP_PAIRS = [pair for pair in DTYPE_PAIRS if pair != (torch.float16, torch.float32)]
-BITS = {4: torch.int32, 2: torch.int16}
 
 
 def size_id(n: int) -> str:
@@ -51,18 +52,6 @@ def bitwise_like_torch() -> bool:
     """Whether the kernels in use round as this process's torch.lerp_ (fma on AVX2 and up)."""
     torch_uses_fma = torch.backends.cpu.get_cpu_capability() != "DEFAULT"
     return torch_uses_fma == (cpu_isa() == "avx2")
-
-
-def assert_same(actual: torch.Tensor, expected: torch.Tensor, what: str) -> None:
-    """Bit equality, except that a NaN only has to be a NaN."""
-    int_type = BITS[actual.element_size()]
-    if actual.dtype == expected.dtype and torch.equal(actual.view(int_type), expected.view(int_type)):
-        return
-    nan = torch.isnan(expected)
-    if not torch.equal(torch.isnan(actual), nan):
-        idx = int((torch.isnan(actual) != nan).nonzero()[0])
-        raise AssertionError(f"{what}: NaN where none is expected or the reverse, first at {idx}: {actual[idx]!r}")
-    assert_bits_equal(actual.masked_fill(nan, 0), expected.masked_fill(nan, 0), what)
 
 
 def cpp_update(ema: torch.Tensor, param: torch.Tensor, w: float | torch.Tensor, switch: bool) -> None:

@@ -25,8 +25,10 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import (
+    BITS,
     DTYPE_PAIRS,
     assert_bits_equal,
+    assert_same,
     assert_within,
     fp32_weight,
     pair_id,
@@ -46,7 +48,6 @@ SIZES = [0, 1, 15, 17, 4097, CHUNK - 1, CHUNK, CHUNK + 1, 3 * CHUNK + 5, 2**20 +
 WEIGHTS = [0.0, 1e-4, 0.5, 0.7, 1.0]
 STEPS = 20
 SWAP_PAIRS = [pair for pair in DTYPE_PAIRS if pair != (torch.float16, torch.float32)]
-BITS = {4: torch.int32, 2: torch.int16}
 H100_BLOCKS = 132 * 4
 
 
@@ -138,18 +139,6 @@ def kernels(tmp_path_factory) -> EmulatedKernels:
     )
     assert build.returncode == 0, f"nvcc failed:\n{build.stderr[-4000:]}"
     return EmulatedKernels(library)
-
-
-def assert_same(actual: Tensor, expected: Tensor, what: str) -> None:
-    """Bit equality, except that a NaN only has to be a NaN."""
-    int_type = BITS[actual.element_size()]
-    if actual.dtype == expected.dtype and torch.equal(actual.view(int_type), expected.view(int_type)):
-        return
-    nan = torch.isnan(expected)
-    if not torch.equal(torch.isnan(actual), nan):
-        idx = int((torch.isnan(actual) != nan).nonzero()[0])
-        raise AssertionError(f"{what}: NaN where none is expected or the reverse, first at {idx}: {actual[idx]!r}")
-    assert_bits_equal(actual.masked_fill(nan, 0), expected.masked_fill(nan, 0), what)
 
 
 def torch_lerp_is_one_fma() -> bool:

@@ -16,8 +16,10 @@ import subprocess
 import pytest
 import torch
 from conftest import (
+    BITS,
     DTYPE_PAIRS,
     assert_bits_equal,
+    assert_same,
     assert_within,
     fp32_weight,
     pair_id,
@@ -35,7 +37,6 @@ WEIGHTS = [0.0, 1e-4, 0.5, 1.0]
 STEPS = 50
 BIG_STEPS = 5
 SWAP_PAIRS = [pair for pair in DTYPE_PAIRS if pair != (torch.float16, torch.float32)]
-BITS = {4: torch.int32, 2: torch.int16}
 REQUIRED_CUBINS = ("sm_80", "sm_90")
 
 
@@ -47,19 +48,6 @@ def needs_cuda(test):
 
 def size_id(n: int) -> str:
     return f"n{n}"
-
-
-def assert_same(actual: torch.Tensor, expected: torch.Tensor, what: str) -> None:
-    """Bit equality, except that a NaN only has to be a NaN."""
-    actual, expected = actual.cpu(), expected.cpu()
-    int_type = BITS[actual.element_size()]
-    if actual.dtype == expected.dtype and torch.equal(actual.view(int_type), expected.view(int_type)):
-        return
-    nan = torch.isnan(expected)
-    if not torch.equal(torch.isnan(actual), nan):
-        idx = int((torch.isnan(actual) != nan).nonzero()[0])
-        raise AssertionError(f"{what}: NaN where none is expected or the reverse, first at {idx}: {actual[idx]!r}")
-    assert_bits_equal(actual.masked_fill(nan, 0), expected.masked_fill(nan, 0), what)
 
 
 def on_gpu(n: int, dtype: torch.dtype, generator: torch.Generator) -> torch.Tensor:

@@ -282,6 +282,9 @@ def test_fsdp2_shard_local_ema_matches_one_process_and_resumes(tmp_path):
         torch.testing.assert_close(value, reference["ema"][name], rtol=1e-5, atol=1e-6, msg=f"param {name}")
 
 
+TEARDOWN_ABORT = "terminate called without an active exception"
+
+
 @pytest.mark.parametrize("script", ["train_ddp.py", "train_fsdp2.py"])
 def test_distributed_examples_run_with_torchrun(script):
     import subprocess
@@ -289,10 +292,20 @@ def test_distributed_examples_run_with_torchrun(script):
 
     root = Path(__file__).resolve().parents[1]
     env = {**os.environ, "EPOCHS": "1", "OMP_NUM_THREADS": "1"}
-    result = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
-         "--master-port", str(free_port()), str(root / "examples" / script)],
-        env=env, capture_output=True, text=True, timeout=300, check=False,
-    )  # fmt: skip
+
+    def run() -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
+             "--master-port", str(free_port()), str(root / "examples" / script)],
+            env=env, capture_output=True, text=True, timeout=300, check=False,
+        )  # fmt: skip
+
+    # On the busy 2-core VM, train_fsdp2.py's rank 1 sometimes aborted in teardown, after every
+    # line was printed (TEARDOWN_ABORT; in bursts: 2 of 4 runs, then none in 80). Up to three
+    # runs for that one signature; any other failure fails at once.
+    for _ in range(3):
+        result = run()
+        if result.returncode == 0 or TEARDOWN_ABORT not in result.stderr:
+            break
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.count("switched") == 2, result.stdout  # one switch per rank in the one epoch
