@@ -170,18 +170,19 @@ void parallel_ranges(int64_t n, int num_threads, const Body& body) {
 // ema <- lerp(ema, param, w); with SWITCH, param <- cast(ema). 10 / 12 bytes per element
 // for fp32 ema and bf16 params.
 //
-// gcc vectorises the loop below well for fp32 and bf16; the portable fp16 conversion it
-// vectorises too, but at ~20 instructions a lane that loop is compute-bound, so the AVX2 object
-// runs fp16 through F16C, 8 lanes at a time, and leaves the tail to the scalar loop.
+// gcc vectorises the loop below for every type, but its fp16 conversion (~20 instructions a
+// lane without F16C) makes that loop compute-bound and its bf16 packing is clumsy, so the AVX2
+// object runs the 16-bit types through load8/store8 (F16C for fp16), 8 lanes at a time, and
+// leaves the tail to the scalar loop.
 template <typename T>
-constexpr bool kUseF16C = SEMA_CPU_FMA && (__is_same(T, Float16) || __is_same(T, BFloat16));
+constexpr bool kVector8 = SEMA_CPU_FMA && (__is_same(T, Float16) || __is_same(T, BFloat16));
 
 template <typename E, typename P, bool SWITCH, bool SMALL_WEIGHT>
 void update_range(typename E::Storage* __restrict ema, typename P::Storage* __restrict param, int64_t begin,
                   int64_t end, float coeff) {
   int64_t i = begin;
 #if SEMA_CPU_FMA
-  if constexpr (kUseF16C<E> || kUseF16C<P>) {
+  if constexpr (kVector8<E> || kVector8<P>) {
     const __m256 vcoeff = _mm256_set1_ps(coeff);
     for (; i + 8 <= end; i += 8) {
       const __m256 e = E::load8(ema + i);
@@ -250,7 +251,13 @@ void switch_typed(const void* ema_ptr, void* param_ptr, int64_t n, int num_threa
     int64_t i = begin;
 #if SEMA_CPU_FMA
     if (stream) {
-      for (; i < end && reinterpret_cast<uintptr_t>(param + i) % 16 != 0; ++i) param[i] = P::store(E::load(ema[i]));
+      for (; i < end && reinterpret_cast<uintptr_t>(param + i) % 16 != 0; ++i) {
+        if constexpr (__is_same(E, P)) {
+          param[i] = ema[i];  // raw bits: a NaN's payload survives (a 16-bit copy may be fp16 data)
+        } else {
+          param[i] = P::store(E::load(ema[i]));
+        }
+      }
       if constexpr (__is_same(E, P)) {
         constexpr int64_t kLanes = 16 / sizeof(*param);
         for (; i + kLanes <= end; i += kLanes) {
@@ -261,7 +268,7 @@ void switch_typed(const void* ema_ptr, void* param_ptr, int64_t n, int num_threa
         for (; i + 8 <= end; i += 8) P::stream8(param + i, E::load8(ema + i));
       }
       _mm_sfence();  // streamed stores are weakly ordered: complete them before the threads join
-    } else if constexpr (!__is_same(E, P) && kUseF16C<P>) {
+    } else if constexpr (!__is_same(E, P) && kVector8<P>) {
       for (; i + 8 <= end; i += 8) P::store8(param + i, E::load8(ema + i));
     }
 #endif

@@ -257,8 +257,11 @@ def test_large_switch_streams_every_element(pair, generator):
     kStreamMinBytes): unaligned starts, both threads' ranges and the tail all land."""
     param_dtype, ema_dtype = pair
     n = (16 << 20) // torch.empty((), dtype=param_dtype).element_size() + 37
-    if ema_dtype == param_dtype:  # a raw copy: random bits, NaN payloads included
+    if ema_dtype == param_dtype:  # a raw copy: random bits, signalling NaNs where the unaligned heads start
         source = random_bits(n + 3, ema_dtype, generator)
+        int_type = BITS[source.element_size()]
+        snans = [0x7F800001, -8388607] if int_type == torch.int32 else [0x7F81, -127, 0x7C01, -1023]  # +-sNaN
+        source.view(int_type)[:16] = torch.tensor(snans * (16 // len(snans)), dtype=int_type)
     else:
         source = special_fp32(generator).repeat(n // 2**20 + 2)[: n + 3]
     for start in (0, 1, 3):  # 16-byte aligned, and not
