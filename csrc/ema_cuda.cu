@@ -147,7 +147,7 @@ SEMA_HD void apply(typename E::Storage& e, typename P::Storage& p, float coeff, 
 // What thread `thread` of block `block` (of `grid`) does: the whole kernel, minus the indices.
 template <typename E, typename P, Op OP>
 SEMA_HD void run_thread(const TensorTable& table, const float* __restrict__ w_ptr, float w_value, int64_t block,
-                        int64_t grid, int thread) {
+                        int64_t grid, unsigned thread) {
   using EStorage = typename E::Storage;
   using PStorage = typename P::Storage;
   // elements per 16 bytes of the narrower dtype (8 for fp32 ema with bf16 params: 32 + 16 bytes)
@@ -218,7 +218,7 @@ SEMA_HD void run_thread(const TensorTable& table, const float* __restrict__ w_pt
 template <typename E, typename P, Op OP>
 __global__ void __launch_bounds__(kThreads, kBlocksPerSm)
     ema_kernel(const __grid_constant__ TensorTable table, const float* __restrict__ w_ptr, float w_value) {
-  run_thread<E, P, OP>(table, w_ptr, w_value, blockIdx.x, gridDim.x, static_cast<int>(threadIdx.x));
+  run_thread<E, P, OP>(table, w_ptr, w_value, blockIdx.x, gridDim.x, threadIdx.x);
 }
 
 [[noreturn]] void raise_cuda_error(const char* op, const char* what, cudaError_t error) {
@@ -288,7 +288,9 @@ template <typename E, typename P, Op OP>
 void launch(const char*, const std::vector<Pair>& pairs, const float* w_ptr, float w_value, int, cudaStream_t) {
   for_each_table(pairs, emulated_max_blocks, [&](const TensorTable& table, int64_t blocks) {
     for (int64_t block = 0; block < blocks; ++block) {
-      for (int thread = 0; thread < kThreads; ++thread) run_thread<E, P, OP>(table, w_ptr, w_value, block, blocks, thread);
+      for (unsigned thread = 0; thread < kThreads; ++thread) {
+        run_thread<E, P, OP>(table, w_ptr, w_value, block, blocks, thread);
+      }
     }
   });
 }

@@ -23,6 +23,7 @@ ALIGN_BYTES = 16
 HUGE_PAGE_BYTES = 2 << 20
 HUGE_PAGE_MIN_BYTES = 4 * HUGE_PAGE_BYTES
 _MADV_HUGEPAGE = 14  # <sys/mman.h> on Linux
+_LINUX = sys.platform == "linux"
 
 
 class BucketMovedError(RuntimeError):
@@ -123,14 +124,17 @@ def huge_pages_wanted() -> bool:
 
 def _empty(numel: int, dtype: torch.dtype, device: torch.device) -> Tensor:
     """An uninitialised bucket buffer. On Linux CPUs, one of HUGE_PAGE_MIN_BYTES or more is
-    madvise()d MADV_HUGEPAGE before its first touch, so the kernel backs it with 2 MiB pages
-    where transparent huge pages are enabled ("always" or "madvise"): every EMA op streams the
-    whole bucket, and with 4 KiB pages that is a TLB miss per 4 KiB. On the 2-core VM of
-    bench/results/torch_formulations-cpp-*.json ("4 KiB pages" rows) that gained 3% in the
-    median. Best effort: on any failure the buffer simply stays on normal pages."""
+    madvise()d MADV_HUGEPAGE over its 2 MiB-aligned interior before sema writes it, so that where
+    transparent huge pages are enabled ("always" or "madvise") the kernel backs it with 2 MiB
+    pages: every EMA op streams the whole bucket, and with 4 KiB pages that is a TLB miss per
+    4 KiB. On the 2-core VM of bench/results/torch_formulations-cpp-*.json ("4 KiB pages" rows)
+    that gained 3% in the median. Best effort: large buffers come from a fresh mmap, but glibc
+    may serve one under 32 MiB from heap memory used before (its pages stay as they are; the
+    hint stays on that range after the bucket is freed, which is harmless), and on any failure
+    the buffer simply stays on normal pages."""
     flat = torch.empty(numel, dtype=dtype, device=device)
     nbytes = flat.numel() * flat.element_size()
-    if device.type == "cpu" and sys.platform == "linux" and nbytes >= HUGE_PAGE_MIN_BYTES and huge_pages_wanted():
+    if device.type == "cpu" and _LINUX and nbytes >= HUGE_PAGE_MIN_BYTES and huge_pages_wanted():
         start = -(-flat.data_ptr() // HUGE_PAGE_BYTES) * HUGE_PAGE_BYTES
         end = (flat.data_ptr() + nbytes) // HUGE_PAGE_BYTES * HUGE_PAGE_BYTES
         if end > start:

@@ -7,7 +7,8 @@ lerp, or the lerp then the switch copy) the second pass reads from cache instead
 
 Inputs are validated by :mod:`sema.ops` before they reach this module: 1-D contiguous
 tensors of equal length on one device, a supported dtype pair, no overlap. ``w`` is a
-Python float or a 0-d float32 tensor on the same device; nothing here reads it on the host.
+Python float or a 0-d float32 tensor on the same device; nothing here reads a device tensor's
+value on the host (a CPU tensor's, for a bf16/fp16 EMA, costs no sync).
 """
 
 from __future__ import annotations

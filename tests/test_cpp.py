@@ -265,14 +265,45 @@ def test_large_switch_streams_every_element(pair, generator):
     else:
         source = special_fp32(generator).repeat(n // 2**20 + 2)[: n + 3]
     for start in (0, 1, 3):  # 16-byte aligned, and not
-        ema = source[start : start + n - start]
-        param = poisoned(n + 3, param_dtype)[start : start + n - start]
+        ema = source[start:n]
+        buffer = torch.full((n + 8,), -7.0, dtype=param_dtype)  # guards before and after the view
+        param = buffer[start:n]
         sema.ops.switch_(ema, param, backend="cpp")
         expected = ema.to(param_dtype, copy=True)
         if ema_dtype == param_dtype:
             assert_bits_equal(param, expected, f"copy of {ema.numel()} from offset {start}")
         else:
             assert_same(param, expected, f"cast of {ema.numel()} from offset {start}")
+        assert_bits_equal(buffer[:start], torch.full((start,), -7.0, dtype=param_dtype), "before the view")
+        assert_bits_equal(buffer[n:], torch.full((8,), -7.0, dtype=param_dtype), "after the view")
+
+
+@pytest.mark.parametrize("n", [4099, 2**16 + 5], ids=size_id)  # one thread, two
+@pytest.mark.parametrize("pair", DTYPE_PAIRS, ids=pair_id)
+def test_update_on_offset_views_stays_inside(pair, n, generator):
+    """The 8-lane loops and scalar tails on views that start 0-3 elements into their buffers, ema
+    and param misaligned against each other: every element as the reference has it, nothing
+    before or after the views written."""
+    param_dtype, ema_dtype = pair
+    for ema_offset, param_offset in ((0, 0), (1, 0), (0, 3), (3, 1)):
+        for switch in (False, True):
+            ema_buffer = torch.full((n + 8,), -7.0, dtype=ema_dtype)
+            param_buffer = torch.full((n + 8,), -7.0, dtype=param_dtype)
+            ema = ema_buffer[ema_offset : ema_offset + n]
+            param = param_buffer[param_offset : param_offset + n]
+            ema.copy_(random_values(n, ema_dtype, generator))
+            param.copy_(random_values(n, param_dtype, generator))
+            expected_ema, expected_param = ema.clone(), param.clone()
+            reference.ema_update_(expected_ema, expected_param, 0.3, switch)
+            sema.ops.ema_update_(ema, param, 0.3, switch=switch, backend="cpp")
+            what = f"offsets {ema_offset}/{param_offset}, switch={switch}"
+            if bitwise_like_torch():
+                assert_same(ema, expected_ema, f"{what}: ema")
+            assert_same(param, ema.to(param_dtype) if switch else expected_param, f"{what}: param")
+            for buffer, offset in ((ema_buffer, ema_offset), (param_buffer, param_offset)):
+                guard = torch.full((n + 8,), -7.0, dtype=buffer.dtype)
+                assert_bits_equal(buffer[:offset], guard[:offset], f"{what}: before the view")
+                assert_bits_equal(buffer[offset + n :], guard[offset + n :], f"{what}: after the view")
 
 
 @pytest.mark.parametrize("pair", DTYPE_PAIRS, ids=pair_id)

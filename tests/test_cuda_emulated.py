@@ -305,9 +305,11 @@ def test_swap_bit_exact_and_restores(kernels, pair, n, generator):
 # --- negative controls --------------------------------------------------------------------
 
 
-def test_a_wrong_kernel_fails_these_checks(kernels, generator):
-    """The emulation is not vacuous: a launch that skips its last block leaves elements the
-    reference changes, and the update check above sees it."""
+def test_the_checks_see_a_launch_that_misses_elements(kernels, generator):
+    """Negative control for the comparisons above: an update that leaves the last chunk alone
+    (as a lost block would) fails them. (Mutating the kernel source itself, e.g. dropping the
+    last element of the scalar loop or an off-by-one in the table search, also fails this file:
+    checked by hand when the emulation was written.)"""
     n = 3 * CHUNK
     ema, param = random_values(n, torch.float32, generator), random_values(n, torch.float32, generator)
     expected_ema, expected_param = ema.clone(), param.clone()
