@@ -105,6 +105,62 @@ def assert_same(actual: torch.Tensor, expected: torch.Tensor, what: str) -> None
     assert_bits_equal(actual.masked_fill(nan, 0), expected.masked_fill(nan, 0), what)
 
 
+def special_fp32(generator: torch.Generator) -> torch.Tensor:
+    """Values where a cast to bf16/fp16 goes wrong first, then a million random bit patterns
+    (every class of fp32: NaN payloads, subnormals, huge, tiny)."""
+    bf16_ulp, fp16_ulp = 2.0**-7, 2.0**-10
+    values = [
+        float("nan"),
+        -float("nan"),
+        float("inf"),
+        -float("inf"),
+        0.0,
+        -0.0,
+        1.0,
+        -1.0,
+        1 + bf16_ulp / 2,
+        1 + 3 * bf16_ulp / 2,
+        -(1 + bf16_ulp / 2),
+        1 + bf16_ulp / 2 + 2.0**-23,  # bf16 ties
+        1 + fp16_ulp / 2,
+        1 + 3 * fp16_ulp / 2,
+        2049.0,
+        2051.0,  # fp16 ties
+        65504.0,
+        65519.996,
+        65520.0,
+        -65520.0,
+        1e10,
+        3.4028234e38,  # fp16 max, round to Inf, overflow
+        2.0**-24,
+        2.0**-25,
+        3 * 2.0**-26,
+        2.0**-25 * (1 + 2.0**-20),
+        2.0**-14,
+        2.0**-14 - 2.0**-24,  # fp16 subnormals
+        1e-45,
+        -1e-45,
+        1.1754942e-38,
+        1.1754944e-38,
+        3.3895e38,  # fp32 subnormals and bf16 overflow
+    ]
+    specials = torch.tensor(values, dtype=torch.float32)
+    nan_bits = torch.tensor([0x7F800001, 0x7FC00001, 0x7FFFFFFF, -1, -4194305, 0x7F80FFFF], dtype=torch.int32)
+    random_bits = torch.randint(-(2**31), 2**31, (2**20,), dtype=torch.int32, generator=generator)
+    return torch.cat([specials, nan_bits.view(torch.float32), random_bits.view(torch.float32)])
+
+
+def random_bits(n: int, dtype: torch.dtype, generator: torch.Generator) -> torch.Tensor:
+    """Random bit patterns with the extremes up front: NaN payloads, Inf, -0, subnormals."""
+    int_type = BITS[torch.empty((), dtype=dtype).element_size()]
+    info = torch.iinfo(int_type)
+    bits = torch.randint(info.min, info.max + 1, (n,), dtype=torch.int64, generator=generator).to(int_type)
+    extremes = torch.tensor([0, -1, info.min, info.max, 1, -2, info.max - 1, info.min + 1], dtype=torch.int64)
+    k = min(n, extremes.numel())
+    bits[:k] = extremes[:k].to(int_type)
+    return bits.view(dtype)
+
+
 @pytest.fixture
 def generator() -> torch.Generator:
     return torch.Generator().manual_seed(1234)

@@ -23,7 +23,9 @@ from conftest import (
     fp32_weight,
     pair_id,
     poisoned,
+    random_bits,
     random_values,
+    special_fp32,
     update_bound,
 )
 
@@ -189,51 +191,6 @@ def test_multi_matches_reference(switch, generator):
 # --- casts --------------------------------------------------------------------------------
 
 
-def special_fp32(generator: torch.Generator) -> torch.Tensor:
-    """Values where a cast to bf16/fp16 goes wrong first, then a million random bit patterns
-    (every class of fp32: NaN payloads, subnormals, huge, tiny)."""
-    bf16_ulp, fp16_ulp = 2.0**-7, 2.0**-10
-    values = [
-        float("nan"),
-        -float("nan"),
-        float("inf"),
-        -float("inf"),
-        0.0,
-        -0.0,
-        1.0,
-        -1.0,
-        1 + bf16_ulp / 2,
-        1 + 3 * bf16_ulp / 2,
-        -(1 + bf16_ulp / 2),
-        1 + bf16_ulp / 2 + 2.0**-23,  # bf16 ties
-        1 + fp16_ulp / 2,
-        1 + 3 * fp16_ulp / 2,
-        2049.0,
-        2051.0,  # fp16 ties
-        65504.0,
-        65519.996,
-        65520.0,
-        -65520.0,
-        1e10,
-        3.4028234e38,  # fp16 max, round to Inf, overflow
-        2.0**-24,
-        2.0**-25,
-        3 * 2.0**-26,
-        2.0**-25 * (1 + 2.0**-20),
-        2.0**-14,
-        2.0**-14 - 2.0**-24,  # fp16 subnormals
-        1e-45,
-        -1e-45,
-        1.1754942e-38,
-        1.1754944e-38,
-        3.3895e38,  # fp32 subnormals and bf16 overflow
-    ]
-    specials = torch.tensor(values, dtype=torch.float32)
-    nan_bits = torch.tensor([0x7F800001, 0x7FC00001, 0x7FFFFFFF, -1, -4194305, 0x7F80FFFF], dtype=torch.int32)
-    random_bits = torch.randint(-(2**31), 2**31, (2**20,), dtype=torch.int32, generator=generator)
-    return torch.cat([specials, nan_bits.view(torch.float32), random_bits.view(torch.float32)])
-
-
 @pytest.mark.parametrize("isa", ["avx2", "baseline"])
 @pytest.mark.parametrize("param_dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 def test_switch_cast_bit_equal_to_torch(param_dtype, isa, generator):
@@ -330,17 +287,6 @@ def test_widening_loads_are_exact(param_dtype, generator):
 
 
 # --- swaps --------------------------------------------------------------------------------
-
-
-def random_bits(n: int, dtype: torch.dtype, generator: torch.Generator) -> torch.Tensor:
-    """Random bit patterns with the extremes up front: NaN payloads, Inf, -0, subnormals."""
-    int_type = BITS[torch.empty((), dtype=dtype).element_size()]
-    info = torch.iinfo(int_type)
-    bits = torch.randint(info.min, info.max + 1, (n,), dtype=torch.int64, generator=generator).to(int_type)
-    extremes = torch.tensor([0, -1, info.min, info.max, 1, -2, info.max - 1, info.min + 1], dtype=torch.int64)
-    k = min(n, extremes.numel())
-    bits[:k] = extremes[:k].to(int_type)
-    return bits.view(dtype)
 
 
 @pytest.mark.parametrize("n", [*SIZES[:-1], 2**20 + 3], ids=size_id)

@@ -34,6 +34,7 @@ from conftest import (
     pair_id,
     poisoned,
     random_values,
+    special_fp32,
     update_bound,
 )
 from torch import Tensor
@@ -250,15 +251,6 @@ def test_every_element_written_once_past_a_full_table(kernels):
 
 
 # --- switch and swap ----------------------------------------------------------------------
-
-
-def special_fp32(generator: torch.Generator) -> Tensor:
-    """Cast edge cases (ties, overflow, subnormals, NaN payloads), then random bit patterns."""
-    values = [0.0, -0.0, 1.0, 1 + 2.0**-8, 1 + 3 * 2.0**-8, 1 + 2.0**-11, 1 + 3 * 2.0**-11, 65504.0, 65520.0]
-    values += [3.4028234e38, 2.0**-24, 2.0**-25, 3 * 2.0**-26, 1e-45, float("inf"), -float("inf"), float("nan")]
-    nan_bits = torch.tensor([0x7F800001, 0x7FC00001, -1], dtype=torch.int32).view(torch.float32)
-    random_bits = torch.randint(-(2**31), 2**31, (3 * CHUNK + 11,), dtype=torch.int32, generator=generator)
-    return torch.cat([torch.tensor(values), nan_bits, random_bits.view(torch.float32)])
 
 
 @pytest.mark.parametrize("param_dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])

@@ -16,7 +16,6 @@ import subprocess
 import pytest
 import torch
 from conftest import (
-    BITS,
     DTYPE_PAIRS,
     assert_bits_equal,
     assert_same,
@@ -24,6 +23,7 @@ from conftest import (
     fp32_weight,
     pair_id,
     poisoned,
+    random_bits,
     random_values,
     update_bound,
 )
@@ -207,16 +207,6 @@ def test_switch_matches_reference(pair, generator):
         param = poisoned(n, param_dtype).cuda()
         sema.ops.switch_(ema, param, backend="cuda")
         assert_same(param, ema.to(param_dtype), f"switch_ n={n}")
-
-
-def random_bits(n: int, dtype: torch.dtype, generator: torch.Generator) -> torch.Tensor:
-    int_type = BITS[torch.empty((), dtype=dtype).element_size()]
-    info = torch.iinfo(int_type)
-    bits = torch.randint(info.min, info.max + 1, (n,), dtype=torch.int64, generator=generator).to(int_type)
-    extremes = torch.tensor([0, -1, info.min, info.max, 1, -2, info.max - 1, info.min + 1], dtype=torch.int64)
-    k = min(n, extremes.numel())
-    bits[:k] = extremes[:k].to(int_type)
-    return bits.view(dtype)
 
 
 @needs_cuda
