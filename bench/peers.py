@@ -354,12 +354,7 @@ def run_set(
                 "ema_dtype": profile.DTYPE_NAMES[setup.ema_dtype],
                 "fp32_ema": setup.fp32_ema,
                 "config": setup.config,
-                "median_ms": t.median_s * 1e3,
-                "q1_ms": t.q1_s * 1e3,
-                "q3_ms": t.q3_s * 1e3,
-                "min_ms": t.min_s * 1e3,
-                "repeats": t.n,
-                "GB/s": nbytes / t.median_s / 1e9,
+                **t.row_fields(nbytes),
                 "sema_auto_speedup": t.median_s / timings["sema_auto"].median_s,
                 "sema_torch_speedup": t.median_s / timings["sema_torch"].median_s,
             }

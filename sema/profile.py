@@ -130,6 +130,17 @@ class Timing:
         q1, q2, q3 = statistics.quantiles(samples, n=4, method="inclusive")
         return cls(q2, q1, q3, min(samples), len(samples))
 
+    def row_fields(self, nbytes: int) -> dict[str, float | int]:
+        """The timing columns of a result row, with GB/s for ``nbytes`` moved per call."""
+        return {
+            "median_ms": self.median_s * 1e3,
+            "q1_ms": self.q1_s * 1e3,
+            "q3_ms": self.q3_s * 1e3,
+            "min_ms": self.min_s * 1e3,
+            "repeats": self.n,
+            "GB/s": nbytes / self.median_s / 1e9,
+        }
+
 
 @dataclass
 class Candidate:
@@ -486,12 +497,7 @@ def _profile_pair(
                 "op": op,
                 "bytes_per_element": nbytes // n,
                 "bytes": nbytes,
-                "median_ms": t.median_s * 1e3,
-                "q1_ms": t.q1_s * 1e3,
-                "q3_ms": t.q3_s * 1e3,
-                "min_ms": t.min_s * 1e3,
-                "repeats": t.n,
-                "GB/s": nbytes / t.median_s / 1e9,
+                **t.row_fields(nbytes),
                 "copy_ms": copy_t.median_s * 1e3,
                 "copy_GB/s": nbytes / copy_t.median_s / 1e9,
                 "pct_of_copy": 100.0 * copy_t.median_s / t.median_s,
