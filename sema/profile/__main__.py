@@ -1,0 +1,5 @@
+import sys
+
+from sema.profile.cli import main
+
+sys.exit(main())
