@@ -1,0 +1,200 @@
+"""Where the EMA bytes live: the flat buckets and multi-tensor groups of one ``SwitchEMA``, and
+the ops that run over all of them.
+
+``EMAStorage`` answers "which EMA tensor belongs to which param, and is every param still where
+it was put?". It knows nothing of decays or when to switch: ``SwitchEMA`` hands it the weights.
+
+- Flat buckets (``flatten=True``): params of one (device, dtype) moved into one contiguous buffer
+  (:mod:`sema.buckets`), one fused launch per bucket.
+- Tensor groups (``flatten=False``, or DTensor params such as FSDP2 shards): params stay where
+  they are, one EMA tensor per param, one multi-tensor launch per group.
+"""
+
+from __future__ import annotations
+
+import operator
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from sema import ops
+from sema.buckets import FlatBucket, build_bucket, plan_buckets
+
+try:
+    from torch.distributed.tensor import DTensor
+except ImportError:  # a torch built without distributed
+    DTensor = None
+
+
+def is_dtensor(t: Tensor) -> bool:
+    return DTensor is not None and isinstance(t, DTensor)
+
+
+def local_tensor(t: Tensor) -> Tensor:
+    """The tensor holding this rank's elements: the local shard of a DTensor, else ``t``."""
+    if is_dtensor(t):
+        return t._local_tensor  # what to_local() returns, without an autograd node per call
+    return t.detach()
+
+
+def as_param_layout(param: Tensor, local: Tensor) -> Tensor:
+    """``local`` presented like ``param``: a DTensor with its mesh and placements (no
+    communication), or ``local`` itself."""
+    if is_dtensor(param):
+        return DTensor.from_local(
+            local, param.device_mesh, param.placements, run_check=False, shape=param.shape, stride=param.stride()
+        )
+    return local
+
+
+@dataclass
+class TensorGroup:
+    """Multi-tensor mode (``flatten=False``, or DTensor params such as FSDP2 shards): params
+    stay where they are, one EMA per param. ``views`` are the params' local tensors (the local
+    shard of a DTensor), cached; ``moved()`` checks they still alias the params' memory."""
+
+    device: torch.device
+    dtype: torch.dtype
+    names: list[str]
+    params: list[nn.Parameter]
+    emas: list[Tensor]
+    views: list[Tensor]
+    data_ptrs: tuple[int, ...]
+
+    def moved(self) -> list[str]:
+        ptrs = tuple(local_tensor(p).data_ptr() for p in self.params)
+        if ptrs == self.data_ptrs:
+            return []
+        return [n for n, ptr, old in zip(self.names, ptrs, self.data_ptrs, strict=False) if ptr != old]
+
+
+def _build_group(
+    device: torch.device, dtype: torch.dtype, members: Sequence[tuple[str, nn.Parameter]], ema_dtype: torch.dtype
+) -> TensorGroup:
+    params = [p for _, p in members]
+    views = [local_tensor(p) for p in params]
+    with torch.no_grad():
+        emas = [v.to(ema_dtype, copy=True, memory_format=torch.preserve_format) for v in views]
+    return TensorGroup(device, dtype, [n for n, _ in members], params, emas, views, tuple(v.data_ptr() for v in views))
+
+
+class ModelSlots:
+    """Where the model holds each tracked param: ``load_state_dict(assign=True)`` puts new
+    ``Parameter`` objects there, which a data-pointer check alone cannot see."""
+
+    def __init__(self, model: nn.Module, named: Sequence[tuple[str, nn.Parameter]]) -> None:
+        tracked = {id(p): n for n, p in named}
+        self._slots = [
+            (module._parameters, key, p, tracked[id(p)])
+            for module in model.modules()
+            for key, p in module._parameters.items()
+            if p is not None and id(p) in tracked
+        ]
+        self._dicts = [d for d, _, _, _ in self._slots]
+        self._keys = [k for _, k, _, _ in self._slots]
+        self._params = [p for _, _, p, _ in self._slots]
+
+    def replaced(self) -> list[str]:
+        if all(map(operator.is_, map(dict.get, self._dicts, self._keys), self._params)):
+            return []
+        return [f"{n} (replaced by a new Parameter)" for d, k, p, n in self._slots if d.get(k) is not p]
+
+
+class EMAStorage:
+    """The EMA of ``named`` params: flat buckets where params can be re-pointed, tensor groups
+    elsewhere; ``backends`` maps each device to the backend that serves it."""
+
+    def __init__(
+        self,
+        named: Sequence[tuple[str, nn.Parameter]],
+        ema_dtype: torch.dtype | None,
+        flatten: bool,
+        backends: dict[torch.device, str],
+    ) -> None:
+        self.backends = backends
+        self.buckets: list[FlatBucket] = []
+        self.tensor_groups: list[TensorGroup] = []
+        for (device, dtype), members in plan_buckets(named).items():
+            target = dtype if ema_dtype is None else ema_dtype
+            # DTensor params (FSDP2 shards) cannot be re-pointed into a bucket: they always use
+            # the multi-tensor mode, on their local shards, with no communication.
+            if flatten and not any(is_dtensor(p) for _, p in members):
+                self.buckets.append(build_bucket(device, dtype, members, target))
+            else:
+                self.tensor_groups.append(_build_group(device, dtype, members, target))
+
+    def named_emas(self) -> Iterator[tuple[str, nn.Parameter, Tensor]]:
+        """(param name, param, its EMA shaped like the param's local tensor), in model order per group."""
+        for bucket in self.buckets:
+            for i, (name, p) in enumerate(zip(bucket.names, bucket.params, strict=False)):
+                yield name, p, bucket.ema_view(i)
+        for group in self.tensor_groups:
+            yield from zip(group.names, group.params, group.emas, strict=False)
+
+    def moved(self) -> list[str]:
+        """Names of the params that no longer live where they were put."""
+        moved = [n for b in self.buckets for n in b.moved()]
+        return moved + [n for g in self.tensor_groups for n in g.moved()]
+
+    def _dense_pairs(self) -> Iterator[tuple[Tensor, Tensor, str]]:
+        """(ema, param, backend) as flat 1-D tensors: one pair per bucket, one per grouped param."""
+        for bucket in self.buckets:
+            yield bucket.ema_flat, bucket.param_flat, self.backends[bucket.device]
+        for group in self.tensor_groups:
+            for e, v in zip(group.emas, group.views, strict=True):
+                yield ops.dense_view(e), ops.dense_view(v), self.backends[group.device]
+
+    def update_(self, weights: dict[torch.device, Tensor], switch: bool) -> None:
+        """``ema <- lerp(ema, param, w)`` (then ``param <- ema`` with ``switch``), one fused launch
+        per bucket and one multi-tensor launch per group."""
+        for bucket in self.buckets:
+            ops.dispatch_update(
+                bucket.ema_flat, bucket.param_flat, weights[bucket.device], switch, self.backends[bucket.device]
+            )
+        for group in self.tensor_groups:
+            ops.dispatch_update_multi(
+                group.emas, group.views, weights[group.device], switch, self.backends[group.device]
+            )
+
+    def switch_(self) -> None:
+        """``param <- ema`` cast to each param's dtype; the EMA is unchanged."""
+        for ema, param, backend in self._dense_pairs():
+            ops.dispatch_switch(ema, param, backend)
+
+    def swap_in(self, undo: list[Callable[[], None]]) -> None:
+        """Put the EMA into the params, appending to ``undo`` the actions (to run in reverse
+        order) that restore params and EMA bit for bit; if a swap fails midway, ``undo`` holds
+        those of the swaps already done."""
+        for ema, param, backend in self._dense_pairs():
+            undo.append(_swap_in(ema, param, backend))
+
+    def copy_params_to_ema_(self) -> None:
+        """EMA <- params (the start of a fresh average)."""
+        with torch.no_grad():
+            for bucket in self.buckets:
+                bucket.ema_flat.copy_(bucket.param_flat)
+            for group in self.tensor_groups:
+                for e, v in zip(group.emas, group.views, strict=True):
+                    e.copy_(v)
+
+    def all_finite(self) -> bool:
+        """Whether every param is finite (one host sync)."""
+        flags = [torch.isfinite(b.param_flat).all() for b in self.buckets]
+        flags += [torch.isfinite(v).all() for g in self.tensor_groups for v in g.views]
+        return bool(torch.stack([f.cpu() for f in flags]).all())
+
+
+def _swap_in(ema: Tensor, param: Tensor, backend: str) -> Callable[[], None]:
+    if ema.dtype == param.dtype or param.dtype == torch.bfloat16:
+        ops.dispatch_swap(ema, param, False, backend)
+        return lambda: ops.dispatch_swap(ema, param, True, backend)
+    scratch = param.clone()
+    ops.dispatch_switch(ema, param, backend)
+
+    def restore() -> None:
+        with torch.no_grad():
+            param.copy_(scratch)
+
+    return restore
