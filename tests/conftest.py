@@ -2,16 +2,17 @@
 
 from __future__ import annotations
 
-import ctypes.util
 import os
 
-# The Triton backend runs on CPU tensors only under its interpreter, which must be chosen
-# before triton is first imported.
-if "TRITON_INTERPRET" not in os.environ and ctypes.util.find_library("cuda") is None:
+import torch
+
+# The Triton backend runs on CPU tensors only under its interpreter, which must be chosen before
+# triton is first imported (torch does not import it). Decided by whether torch sees a GPU: the
+# driver library can be missing from ctypes' search path on a machine whose GPU works.
+if "TRITON_INTERPRET" not in os.environ and not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"
 
 import pytest
-import torch
 
 import sema
 
