@@ -40,10 +40,11 @@ void swap(void* ema, void* param, int64_t n, int ema_dtype, int param_dtype, boo
 namespace cuda {
 void ema_update(uintptr_t ema, uintptr_t param, int64_t n, int ema_dtype, int param_dtype, float w_value,
                 uintptr_t w_ptr, bool switch_param, int device, uintptr_t stream);
-void ema_update_multi(const std::vector<uintptr_t>& emas, const std::vector<uintptr_t>& params,
-                      const std::vector<int64_t>& numels, const std::vector<int>& ema_dtypes,
-                      const std::vector<int>& param_dtypes, float w_value, uintptr_t w_ptr, bool switch_param,
-                      int device, uintptr_t stream);
+std::vector<int64_t> plan_update_multi(const std::vector<uintptr_t>& emas, const std::vector<uintptr_t>& params,
+                                       const std::vector<int64_t>& numels, int ema_dtype, int param_dtype,
+                                       int device);
+void ema_update_multi_pieces(uintptr_t pieces, int64_t count, int ema_dtype, int param_dtype, float w_value,
+                             uintptr_t w_ptr, bool switch_param, int device, uintptr_t stream);
 void switch_param(uintptr_t ema, uintptr_t param, int64_t n, int ema_dtype, int param_dtype, int device,
                   uintptr_t stream);
 void swap(uintptr_t ema, uintptr_t param, int64_t n, int ema_dtype, int param_dtype, bool restore, int device,
@@ -61,7 +62,7 @@ int driver_version();
 namespace {
 
 // Bumped whenever a signature below changes, so that a stale build is reported, not called.
-constexpr int kInterfaceVersion = 1;
+constexpr int kInterfaceVersion = 2;
 
 constexpr int kFloat32 = 0;
 constexpr int kBFloat16 = 1;
@@ -243,20 +244,38 @@ void cuda_ema_update(uintptr_t ema, uintptr_t param, int64_t numel, int ema_dtyp
   sema::cuda::ema_update(ema, param, numel, ema_dtype, param_dtype, w_value, w_ptr, switch_param, device, stream);
 }
 
-void cuda_ema_update_multi(const std::vector<uintptr_t>& emas, const std::vector<uintptr_t>& params,
-                           const std::vector<int64_t>& numels, const std::vector<int>& ema_dtypes,
-                           const std::vector<int>& param_dtypes, float w_value, uintptr_t w_ptr, bool switch_param,
-                           int device, uintptr_t stream) {
-  const char* op = "cuda_ema_update_multi";
+// The piece table of a multi-tensor update of one dtype pair (int64 triples: ema address,
+// param address, element count), after the checks of every pair. Its addresses are the
+// validated buffers' and nothing else, so the launch below, given a device copy of it, touches
+// only memory checked here.
+std::vector<int64_t> cuda_plan_update_multi(const std::vector<uintptr_t>& emas, const std::vector<uintptr_t>& params,
+                                            const std::vector<int64_t>& numels, int ema_dtype, int param_dtype,
+                                            int device) {
+  const char* op = "cuda_plan_update_multi";
   const size_t count = emas.size();
-  SEMA_CHECK(op, params.size() == count && numels.size() == count && ema_dtypes.size() == count &&
-                     param_dtypes.size() == count,
-             "the five lists must have one entry per tensor pair");
-  for (size_t i = 0; i < count; ++i) check_pair(op, emas[i], params[i], numels[i], ema_dtypes[i], param_dtypes[i]);
+  SEMA_CHECK(op, params.size() == count && numels.size() == count,
+             "the three lists must have one entry per tensor pair");
+  for (size_t i = 0; i < count; ++i) check_pair(op, emas[i], params[i], numels[i], ema_dtype, param_dtype);
+  check_device(op, device);
+  return sema::cuda::plan_update_multi(emas, params, numels, ema_dtype, param_dtype, device);
+}
+
+// One launch over `count` pieces at `pieces`: a device copy of a cuda_plan_update_multi table
+// for the same dtype pair and device (sema/_ext_cuda.py keeps them together).
+void cuda_ema_update_multi_pieces(uintptr_t pieces, int64_t count, int ema_dtype, int param_dtype, float w_value,
+                                  uintptr_t w_ptr, bool switch_param, int device, uintptr_t stream) {
+  const char* op = "cuda_ema_update_multi_pieces";
+  SEMA_CHECK_DTYPE(op, "ema", ema_dtype);
+  SEMA_CHECK_DTYPE(op, "param", param_dtype);
+  SEMA_CHECK_DTYPE_PAIR(op, ema_dtype, param_dtype);
+  SEMA_CHECK(op, count >= 0 && count <= std::numeric_limits<int32_t>::max(), "piece count ", count,
+             " is outside [0, 2**31)");
+  SEMA_CHECK(op, count == 0 || (pieces != 0 && pieces % 8 == 0), "piece table address ", pieces,
+             " is null or not aligned to 8 bytes");
   check_weight_pointer(op, w_ptr);
   check_device(op, device);
-  sema::cuda::ema_update_multi(emas, params, numels, ema_dtypes, param_dtypes, w_value, w_ptr, switch_param, device,
-                               stream);
+  sema::cuda::ema_update_multi_pieces(pieces, count, ema_dtype, param_dtype, w_value, w_ptr, switch_param, device,
+                                      stream);
 }
 
 void cuda_switch(uintptr_t ema, uintptr_t param, int64_t numel, int ema_dtype, int param_dtype, int device,
@@ -353,9 +372,11 @@ PYBIND11_MODULE(_C, m) {
   m.def("cuda_ema_update", &cuda_ema_update, py::arg("ema_ptr"), py::arg("param_ptr"), py::arg("numel"),
         py::arg("ema_dtype"), py::arg("param_dtype"), py::arg("w_value"), py::arg("w_ptr"), py::arg("switch_param"),
         py::arg("device"), py::arg("stream"), release);
-  m.def("cuda_ema_update_multi", &cuda_ema_update_multi, py::arg("ema_ptrs"), py::arg("param_ptrs"),
-        py::arg("numels"), py::arg("ema_dtypes"), py::arg("param_dtypes"), py::arg("w_value"), py::arg("w_ptr"),
-        py::arg("switch_param"), py::arg("device"), py::arg("stream"), release);
+  m.def("cuda_plan_update_multi", &cuda_plan_update_multi, py::arg("ema_ptrs"), py::arg("param_ptrs"),
+        py::arg("numels"), py::arg("ema_dtype"), py::arg("param_dtype"), py::arg("device"), release);
+  m.def("cuda_ema_update_multi_pieces", &cuda_ema_update_multi_pieces, py::arg("pieces_ptr"), py::arg("count"),
+        py::arg("ema_dtype"), py::arg("param_dtype"), py::arg("w_value"), py::arg("w_ptr"), py::arg("switch_param"),
+        py::arg("device"), py::arg("stream"), release);
   m.def("cuda_switch", &cuda_switch, py::arg("ema_ptr"), py::arg("param_ptr"), py::arg("numel"), py::arg("ema_dtype"),
         py::arg("param_dtype"), py::arg("device"), py::arg("stream"), release);
   m.def("cuda_swap", &cuda_swap, py::arg("ema_ptr"), py::arg("param_ptr"), py::arg("numel"), py::arg("ema_dtype"),

@@ -1,11 +1,17 @@
 // CUDA kernels of the sema op contract: EMA update (+ switch), switch, swap, on flat buffers
-// or on a table of up to kMaxTensors buffers per launch (the multi-tensor update).
+// or on a device table of pieces of many buffers (the multi-tensor update, FSDP2 shards).
 //
-// One kernel template, the op a template flag. Work is cut into chunks of kChunkElements
-// inside each tensor; blocks walk the chunks grid-stride, and threads walk a chunk in 16-byte
-// vectors (the narrower dtype's width sets the element count; the wider one takes two
-// 16-byte accesses), with a scalar path for a tensor's tail and for unaligned pointers.
-// Every offset is int64: buffers past 2**31 elements are real.
+// One kernel body, the op a template flag. The host cuts the work into one contiguous piece
+// per block, as many blocks as stay resident on the device (SMs x the occupancy API's blocks
+// per SM) and pieces of equal size, so there is no second, partly filled wave. Inside its
+// piece a block walks tiles of kThreads x kUnroll 16-byte vectors (the narrower dtype's width
+// sets the element count; the wider one takes two 16-byte accesses): each thread issues all
+// the loads of its kUnroll vectors before the first dependent store, which keeps 64-128 bytes
+// per thread in flight (a memory-bound kernel on an H200 needs about 26-33 KB per SM). A
+// masked tile ends the piece; a scalar loop takes a tensor's last elements and whole pieces
+// whose pointers are not 16-byte aligned. Every offset is int64: buffers past 2**31 elements
+// are real. The multi-tensor kernel reads its piece (pointers and length) with one load from
+// a table the host built once per set of tensors (sema/_ext_cuda.py caches it on the device).
 //
 // The lerp is fma(coeff, p - e, base), (coeff, base) = (w, e) if w < 0.5 else (w - 1, p):
 // the value PyTorch's CUDA lerp gives once nvcc contracts its two-branch formula. w comes
@@ -13,9 +19,9 @@
 //
 // The kernel body is __host__ __device__ and takes its block and thread indices as arguments,
 // so that a test build (-DSEMA_CUDA_HOST_EMULATION, tests/test_cuda_emulated.py) runs these
-// very kernels, launch tables and dtype dispatch on the CPU, one (block, thread) at a time:
-// each element belongs to exactly one thread and no thread reads another's, so running the
-// threads in turn gives what the GPU gives (casts in the CUDA headers' host implementations).
+// very kernels, grids, piece tables and dtype dispatch on the CPU, one (block, thread) at a
+// time: each element belongs to exactly one thread and no thread reads another's, so running
+// the threads in turn gives what the GPU gives (casts in the CUDA headers' host implementations).
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -24,6 +30,8 @@
 #include <cstdint>
 #include <cstdio>
 #include <cstring>
+#include <map>
+#include <mutex>
 #include <stdexcept>
 #include <string>
 #include <type_traits>
@@ -55,19 +63,19 @@ SEMA_HD float bits_as_float(uint32_t u) {
 }
 
 constexpr int kThreads = 256;
-constexpr int kBlocksPerSm = 4;  // 1024 threads per SM at <= 64 registers each
-constexpr int64_t kChunkElements = 8192;
-// 64 tensors: 64 * 32 bytes of pointers, lengths and chunk offsets, within the 4 KiB of
-// kernel arguments every supported architecture accepts.
-constexpr int kMaxTensors = 64;
+// At most 48 registers per thread (65536 / (5 * 256) = 51, in steps of 8): at least 1280
+// resident threads per SM, each with 64-96 bytes of loads in flight (80-120 KB per SM).
+constexpr int kMinBlocksPerSm = 5;
 
-struct TensorTable {
-  uintptr_t ema[kMaxTensors];
-  uintptr_t param[kMaxTensors];
-  int64_t numel[kMaxTensors];
-  int64_t first_chunk[kMaxTensors + 1];  // prefix sums of chunk counts; [count] is the total
-  int count;
+// One block's share of the multi-tensor update: `n` elements from these addresses. Three
+// 8-byte words, read with independent loads (one dependent step before the data).
+struct Piece {
+  uintptr_t ema;
+  uintptr_t param;
+  int64_t n;
 };
+
+SEMA_HD int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 enum class Op { kUpdate, kUpdateSwitch, kSwitch, kExchange, kPack, kUnpack };
 
@@ -144,81 +152,182 @@ SEMA_HD void apply(typename E::Storage& e, typename P::Storage& p, float coeff, 
   }
 }
 
-// What thread `thread` of block `block` (of `grid`) does: the whole kernel, minus the indices.
+// Compile-time facts of one (EMA type, param type, op) kernel.
 template <typename E, typename P, Op OP>
-SEMA_HD void run_thread(const TensorTable& table, const float* __restrict__ w_ptr, float w_value, int64_t block,
-                        int64_t grid, unsigned thread) {
+struct Traits {
   using EStorage = typename E::Storage;
   using PStorage = typename P::Storage;
   // elements per 16 bytes of the narrower dtype (8 for fp32 ema with bf16 params: 32 + 16 bytes)
-  constexpr int V = 16 / (sizeof(EStorage) < sizeof(PStorage) ? sizeof(EStorage) : sizeof(PStorage));
-  constexpr bool kReadsParam = OP != Op::kSwitch;
-  constexpr bool kWritesEma = OP != Op::kSwitch;
-  constexpr bool kWritesParam = OP != Op::kUpdate;
+  static constexpr int V = 16 / (sizeof(EStorage) < sizeof(PStorage) ? sizeof(EStorage) : sizeof(PStorage));
+  using EVector = Vector<EStorage, V>;
+  using PVector = Vector<PStorage, V>;
+  static constexpr bool kReadsParam = OP != Op::kSwitch;
+  static constexpr bool kWritesEma = OP != Op::kSwitch;
+  static constexpr bool kWritesParam = OP != Op::kUpdate;
+  // 16-byte loads per vector step: 1 (same-dtype switch) to 3 (fp32 EMA with 16-bit params)
+  static constexpr int kLoads = static_cast<int>((sizeof(EVector) + (kReadsParam ? sizeof(PVector) : 0)) / 16);
+  // vectors per thread per tile: 4 loads of 16 bytes at least, 16-24 registers of data
+  static constexpr int kUnroll = kLoads == 1 ? 4 : 2;
+  static constexpr int64_t kTileVectors = static_cast<int64_t>(kThreads) * kUnroll;
+};
 
+struct Lerp {
   float coeff = 0.0f;
   bool small_weight = true;
+};
+
+template <Op OP>
+SEMA_HD Lerp lerp_weight(const float* w_ptr, float w_value) {
+  Lerp lerp;
   if constexpr (OP == Op::kUpdate || OP == Op::kUpdateSwitch) {
     const float w = w_ptr != nullptr ? *w_ptr : w_value;
-    small_weight = w < 0.5f;
-    coeff = small_weight ? w : w - 1.0f;  // exact for w in [0.5, 1]
+    lerp.small_weight = w < 0.5f;
+    lerp.coeff = lerp.small_weight ? w : w - 1.0f;  // exact for w in [0.5, 1]
   }
+  return lerp;
+}
 
-  const int64_t total_chunks = table.first_chunk[table.count];
-  for (int64_t chunk = block; chunk < total_chunks; chunk += grid) {
-    int lo = 0;  // binary search for the last tensor whose first chunk is <= chunk
-    int hi = table.count - 1;
-    while (lo < hi) {
-      const int mid = (lo + hi + 1) / 2;
-      if (table.first_chunk[mid] <= chunk) {
-        lo = mid;
-      } else {
-        hi = mid - 1;
-      }
-    }
-    const int t = lo;
-    const int64_t begin = (chunk - table.first_chunk[t]) * kChunkElements;
-    const int64_t remaining = table.numel[t] - begin;
-    const int64_t n = remaining < kChunkElements ? remaining : kChunkElements;
-    EStorage* __restrict__ ema = reinterpret_cast<EStorage*>(table.ema[t]) + begin;
-    PStorage* __restrict__ param = reinterpret_cast<PStorage*>(table.param[t]) + begin;
-
-    int64_t scalar_start = 0;
-    if (((reinterpret_cast<uintptr_t>(ema) | reinterpret_cast<uintptr_t>(param)) & 15u) == 0) {
-      using EVector = Vector<EStorage, V>;
-      using PVector = Vector<PStorage, V>;
-      const int64_t n_vectors = n / V;
-      for (int64_t v = thread; v < n_vectors; v += kThreads) {
-        EVector e = reinterpret_cast<const EVector*>(ema)[v];
-        PVector p;
-        if constexpr (kReadsParam) p = reinterpret_cast<const PVector*>(param)[v];
-        if constexpr (OP == Op::kExchange) {  // E == P: swap whole vectors
-          reinterpret_cast<EVector*>(ema)[v] = p;
-          reinterpret_cast<PVector*>(param)[v] = e;
-        } else {
+// One vector step: the vectors at ema[k * kThreads] for k in [FIRST, LAST]. All loads are
+// issued before the first store.
+template <typename E, typename P, Op OP, int FIRST, int LAST>
+SEMA_HD void run_vectors(typename Traits<E, P, OP>::EVector* __restrict__ ema,
+                         typename Traits<E, P, OP>::PVector* __restrict__ param, Lerp lerp) {
+  using T = Traits<E, P, OP>;
+  typename T::EVector e[LAST + 1];
+  typename T::PVector p[LAST + 1]{};
 #pragma unroll
-          for (int k = 0; k < V; ++k) apply<E, P, OP>(e.v[k], p.v[k], coeff, small_weight);
-          if constexpr (kWritesEma) reinterpret_cast<EVector*>(ema)[v] = e;
-          if constexpr (kWritesParam) reinterpret_cast<PVector*>(param)[v] = p;
-        }
-      }
-      scalar_start = n_vectors * V;
-    }
-    for (int64_t i = scalar_start + thread; i < n; i += kThreads) {
-      EStorage e = ema[i];
-      PStorage p{};
-      if constexpr (kReadsParam) p = param[i];
-      apply<E, P, OP>(e, p, coeff, small_weight);
-      if constexpr (kWritesEma) ema[i] = e;
-      if constexpr (kWritesParam) param[i] = p;
+  for (int k = FIRST; k <= LAST; ++k) {
+    e[k] = ema[k * kThreads];
+    if constexpr (T::kReadsParam) p[k] = param[k * kThreads];
+  }
+#pragma unroll
+  for (int k = FIRST; k <= LAST; ++k) {
+    if constexpr (OP == Op::kExchange) {  // E == P: swap whole vectors
+      ema[k * kThreads] = p[k];
+      param[k * kThreads] = e[k];
+    } else {
+#pragma unroll
+      for (int i = 0; i < T::V; ++i) apply<E, P, OP>(e[k].v[i], p[k].v[i], lerp.coeff, lerp.small_weight);
+      if constexpr (T::kWritesEma) ema[k * kThreads] = e[k];
+      if constexpr (T::kWritesParam) param[k * kThreads] = p[k];
     }
   }
 }
 
+// What thread `thread` of a block does with the block's piece of `n` elements.
 template <typename E, typename P, Op OP>
-__global__ void __launch_bounds__(kThreads, kBlocksPerSm)
-    ema_kernel(const __grid_constant__ TensorTable table, const float* __restrict__ w_ptr, float w_value) {
-  run_thread<E, P, OP>(table, w_ptr, w_value, blockIdx.x, gridDim.x, threadIdx.x);
+SEMA_HD void run_piece(typename E::Storage* __restrict__ ema, typename P::Storage* __restrict__ param, int64_t n,
+                       Lerp lerp, unsigned thread) {
+  using T = Traits<E, P, OP>;
+  int64_t scalar_start = 0;
+  if (((reinterpret_cast<uintptr_t>(ema) | reinterpret_cast<uintptr_t>(param)) & 15u) == 0) {
+    auto* ema_vectors = reinterpret_cast<typename T::EVector*>(ema);
+    auto* param_vectors = reinterpret_cast<typename T::PVector*>(param);
+    const int64_t n_vectors = n / T::V;
+    int64_t base = 0;
+#pragma unroll 1
+    for (; base + T::kTileVectors <= n_vectors; base += T::kTileVectors) {
+      run_vectors<E, P, OP, 0, T::kUnroll - 1>(ema_vectors + base + thread, param_vectors + base + thread, lerp);
+    }
+    // the piece's last, partial tile: a vector at a time (once per block, few registers)
+#pragma unroll 1
+    for (int64_t v = base + thread; v < n_vectors; v += kThreads) {
+      run_vectors<E, P, OP, 0, 0>(ema_vectors + v, param_vectors + v, lerp);
+    }
+    scalar_start = n_vectors * T::V;
+  }
+#pragma unroll 1
+  for (int64_t i = scalar_start + thread; i < n; i += kThreads) {
+    typename T::EStorage e = ema[i];
+    typename T::PStorage p{};
+    if constexpr (T::kReadsParam) p = param[i];
+    apply<E, P, OP>(e, p, lerp.coeff, lerp.small_weight);
+    if constexpr (T::kWritesEma) ema[i] = e;
+    if constexpr (T::kWritesParam) param[i] = p;
+  }
+}
+
+// Flat buffers: block `block` takes elements [block * piece, min((block + 1) * piece, n)).
+template <typename E, typename P, Op OP>
+SEMA_HD void run_flat_block(uintptr_t ema, uintptr_t param, int64_t n, int64_t piece, const float* w_ptr,
+                            float w_value, int64_t block, unsigned thread) {
+  const int64_t begin = block * piece;
+  const int64_t count = n - begin < piece ? n - begin : piece;
+  run_piece<E, P, OP>(reinterpret_cast<typename E::Storage*>(ema) + begin,
+                      reinterpret_cast<typename P::Storage*>(param) + begin, count, lerp_weight<OP>(w_ptr, w_value),
+                      thread);
+}
+
+// Multi-tensor: block `block` takes pieces[block], built by plan_pieces().
+template <typename E, typename P, Op OP>
+SEMA_HD void run_multi_block(const Piece* __restrict__ pieces, const float* w_ptr, float w_value, int64_t block,
+                             unsigned thread) {
+  const Piece piece = pieces[block];
+  run_piece<E, P, OP>(reinterpret_cast<typename E::Storage*>(piece.ema),
+                      reinterpret_cast<typename P::Storage*>(piece.param), piece.n, lerp_weight<OP>(w_ptr, w_value),
+                      thread);
+}
+
+template <typename E, typename P, Op OP>
+__global__ void __launch_bounds__(kThreads, kMinBlocksPerSm)
+    ema_kernel(uintptr_t ema, uintptr_t param, int64_t n, int64_t piece, const float* __restrict__ w_ptr,
+               float w_value) {
+  run_flat_block<E, P, OP>(ema, param, n, piece, w_ptr, w_value, blockIdx.x, threadIdx.x);
+}
+
+template <typename E, typename P, Op OP>
+__global__ void __launch_bounds__(kThreads, kMinBlocksPerSm)
+    ema_multi_kernel(const Piece* __restrict__ pieces, const float* __restrict__ w_ptr, float w_value) {
+  run_multi_block<E, P, OP>(pieces, w_ptr, w_value, blockIdx.x, threadIdx.x);
+}
+
+// The grid of a flat launch: at most `capacity` blocks (all resident at once), at least
+// kThreads vectors per block, pieces of equal size in whole vectors.
+struct FlatGrid {
+  int64_t blocks;
+  int64_t piece;
+};
+
+template <int V>
+FlatGrid flat_grid(int64_t n, int64_t capacity) {
+  int64_t blocks = ceil_div(n, static_cast<int64_t>(kThreads) * V);
+  if (blocks > capacity) blocks = capacity;
+  const int64_t piece = ceil_div(ceil_div(n, blocks), V) * V;
+  return {ceil_div(n, piece), piece};
+}
+
+struct Pair {
+  uintptr_t ema;
+  uintptr_t param;
+  int64_t numel;
+};
+
+// The pieces of a multi-tensor launch: every non-empty tensor cut into pieces of one size (a
+// whole number of vectors, so a piece starts 16-byte aligned where its tensor does). With
+// fewer tensors than half the capacity, the size is chosen so that the pieces, partial last
+// pieces included, number at most `capacity`: one wave. More tensors than that: many waves,
+// each block one piece of at most that size.
+template <int V>
+std::vector<Piece> plan_pieces(const std::vector<Pair>& pairs, int ema_size, int param_size, int64_t capacity) {
+  int64_t total = 0, tensors = 0;
+  for (const Pair& pair : pairs) {
+    total += pair.numel;
+    tensors += pair.numel > 0;
+  }
+  std::vector<Piece> pieces;
+  if (total == 0) return pieces;
+  const int64_t target = 2 * tensors <= capacity ? capacity - tensors : capacity;
+  int64_t piece = ceil_div(total, target);
+  if (piece < static_cast<int64_t>(kThreads) * V) piece = static_cast<int64_t>(kThreads) * V;
+  piece = ceil_div(piece, V) * V;
+  for (const Pair& pair : pairs) {
+    for (int64_t begin = 0; begin < pair.numel; begin += piece) {
+      const int64_t count = pair.numel - begin < piece ? pair.numel - begin : piece;
+      pieces.push_back({pair.ema + static_cast<uintptr_t>(begin) * ema_size,
+                        pair.param + static_cast<uintptr_t>(begin) * param_size, count});
+    }
+  }
+  return pieces;
 }
 
 [[noreturn]] void raise_cuda_error(const char* op, const char* what, cudaError_t error) {
@@ -250,82 +359,100 @@ class DeviceGuard {
   int previous_ = -1;
 };
 
-struct Pair {
-  uintptr_t ema;
-  uintptr_t param;
-  int64_t numel;
-};
-
-// Cuts `pairs` into tables of up to kMaxTensors non-empty tensors and calls
-// run(table, blocks) for each, with blocks = min(chunks in the table, max_blocks).
-template <typename Run>
-void for_each_table(const std::vector<Pair>& pairs, int64_t max_blocks, const Run& run) {
-  TensorTable table{};
-  int64_t chunks = 0;
-  auto flush = [&]() {
-    if (table.count == 0) return;
-    table.first_chunk[table.count] = chunks;
-    run(table, chunks < max_blocks ? chunks : max_blocks);
-    table = TensorTable{};
-    chunks = 0;
-  };
-  for (const Pair& pair : pairs) {
-    if (pair.numel == 0) continue;
-    table.ema[table.count] = pair.ema;
-    table.param[table.count] = pair.param;
-    table.numel[table.count] = pair.numel;
-    table.first_chunk[table.count] = chunks;
-    chunks += (pair.numel + kChunkElements - 1) / kChunkElements;
-    if (++table.count == kMaxTensors) flush();
-  }
-  flush();
-}
-
-#ifdef SEMA_CUDA_HOST_EMULATION
-int64_t emulated_max_blocks = 132 * kBlocksPerSm;  // an H100's; tests/test_cuda_emulated.py varies it
-
-template <typename E, typename P, Op OP>
-void launch(const char*, const std::vector<Pair>& pairs, const float* w_ptr, float w_value, int, cudaStream_t) {
-  for_each_table(pairs, emulated_max_blocks, [&](const TensorTable& table, int64_t blocks) {
-    for (int64_t block = 0; block < blocks; ++block) {
-      for (unsigned thread = 0; thread < kThreads; ++thread) {
-        run_thread<E, P, OP>(table, w_ptr, w_value, block, blocks, thread);
-      }
-    }
-  });
-}
-#else
-template <typename E, typename P, Op OP>
-void launch(const char* op, const std::vector<Pair>& pairs, const float* w_ptr, float w_value, int device,
-            cudaStream_t stream) {
-  DeviceGuard guard(op, device);
-  int sm_count = 0;
-  SEMA_CUDA_CHECK(op, cudaDeviceGetAttribute(&sm_count, cudaDevAttrMultiProcessorCount, device));
-  const int64_t max_blocks = static_cast<int64_t>(sm_count) * kBlocksPerSm;
-  for_each_table(pairs, max_blocks, [&](const TensorTable& table, int64_t blocks) {
-    ema_kernel<E, P, OP><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(table, w_ptr, w_value);
-    SEMA_CUDA_CHECK(op, cudaGetLastError());
-  });
-}
-#endif
-
-template <Op OP>
-void launch_update(const char* op, const std::vector<Pair>& pairs, int ema_dtype, int param_dtype, const float* w_ptr,
-                   float w_value, int device, cudaStream_t stream) {
+// Calls fn(E{}, P{}) with the element types of an update's dtype pair.
+template <typename Fn>
+void dispatch_update_types(const char* op, int ema_dtype, int param_dtype, const Fn& fn) {
   if (ema_dtype == kFloat32 && param_dtype == kFloat32) {
-    launch<Float32, Float32, OP>(op, pairs, w_ptr, w_value, device, stream);
+    fn(Float32{}, Float32{});
   } else if (ema_dtype == kFloat32 && param_dtype == kBFloat16) {
-    launch<Float32, BFloat16, OP>(op, pairs, w_ptr, w_value, device, stream);
+    fn(Float32{}, BFloat16{});
   } else if (ema_dtype == kFloat32 && param_dtype == kFloat16) {
-    launch<Float32, Float16, OP>(op, pairs, w_ptr, w_value, device, stream);
+    fn(Float32{}, Float16{});
   } else if (ema_dtype == kBFloat16 && param_dtype == kBFloat16) {
-    launch<BFloat16, BFloat16, OP>(op, pairs, w_ptr, w_value, device, stream);
+    fn(BFloat16{}, BFloat16{});
   } else if (ema_dtype == kFloat16 && param_dtype == kFloat16) {
-    launch<Float16, Float16, OP>(op, pairs, w_ptr, w_value, device, stream);
+    fn(Float16{}, Float16{});
   } else {
     throw std::invalid_argument(std::string(op) + ": unsupported dtype pair");
   }
 }
+
+#ifdef SEMA_CUDA_HOST_EMULATION
+int64_t emulated_capacity = 132 * 8;  // an H200's SMs x 8 blocks; tests/test_cuda_emulated.py varies it
+
+template <typename E, typename P, Op OP>
+int64_t multi_capacity(const char*, int) {
+  return emulated_capacity;
+}
+
+template <typename E, typename P, Op OP>
+void launch_flat(const char*, uintptr_t ema, uintptr_t param, int64_t n, const float* w_ptr, float w_value, int,
+                 cudaStream_t) {
+  if (n == 0) return;
+  const FlatGrid grid = flat_grid<Traits<E, P, OP>::V>(n, emulated_capacity);
+  for (int64_t block = 0; block < grid.blocks; ++block) {
+    for (unsigned thread = 0; thread < kThreads; ++thread) {
+      run_flat_block<E, P, OP>(ema, param, n, grid.piece, w_ptr, w_value, block, thread);
+    }
+  }
+}
+
+template <typename E, typename P, Op OP>
+void launch_multi(const char*, const Piece* pieces, int64_t count, const float* w_ptr, float w_value, int,
+                  cudaStream_t) {
+  for (int64_t block = 0; block < count; ++block) {
+    for (unsigned thread = 0; thread < kThreads; ++thread) {
+      run_multi_block<E, P, OP>(pieces, w_ptr, w_value, block, thread);
+    }
+  }
+}
+#else
+// Blocks of `kernel` resident on `device` at once: SMs x the occupancy API's blocks per SM.
+// Asked once per kernel and device (the template's statics are per kernel).
+template <typename Kernel>
+int64_t resident_blocks(const char* op, Kernel kernel, int device) {
+  static std::mutex mutex;
+  static std::map<int, int64_t> known;
+  const std::lock_guard<std::mutex> lock(mutex);
+  const auto found = known.find(device);
+  if (found != known.end()) return found->second;
+  int sm_count = 0, per_sm = 0;
+  SEMA_CUDA_CHECK(op, cudaDeviceGetAttribute(&sm_count, cudaDevAttrMultiProcessorCount, device));
+  SEMA_CUDA_CHECK(op, cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, 0));
+  const int64_t blocks = static_cast<int64_t>(sm_count) * (per_sm > 0 ? per_sm : 1);
+  known.emplace(device, blocks);
+  return blocks;
+}
+
+// The pieces of a multi-tensor launch must fit either variant (update, update + switch) in one wave.
+template <typename E, typename P, Op OP>
+int64_t multi_capacity(const char* op, int device) {
+  DeviceGuard guard(op, device);
+  const int64_t update = resident_blocks(op, ema_multi_kernel<E, P, Op::kUpdate>, device);
+  const int64_t update_switch = resident_blocks(op, ema_multi_kernel<E, P, Op::kUpdateSwitch>, device);
+  return update < update_switch ? update : update_switch;
+}
+
+template <typename E, typename P, Op OP>
+void launch_flat(const char* op, uintptr_t ema, uintptr_t param, int64_t n, const float* w_ptr, float w_value,
+                 int device, cudaStream_t stream) {
+  if (n == 0) return;
+  DeviceGuard guard(op, device);
+  const FlatGrid grid = flat_grid<Traits<E, P, OP>::V>(n, resident_blocks(op, ema_kernel<E, P, OP>, device));
+  ema_kernel<E, P, OP><<<static_cast<unsigned>(grid.blocks), kThreads, 0, stream>>>(ema, param, n, grid.piece, w_ptr,
+                                                                                      w_value);
+  SEMA_CUDA_CHECK(op, cudaGetLastError());
+}
+
+template <typename E, typename P, Op OP>
+void launch_multi(const char* op, const Piece* pieces, int64_t count, const float* w_ptr, float w_value, int device,
+                  cudaStream_t stream) {
+  if (count == 0) return;
+  DeviceGuard guard(op, device);
+  ema_multi_kernel<E, P, OP><<<static_cast<unsigned>(count), kThreads, 0, stream>>>(pieces, w_ptr, w_value);
+  SEMA_CUDA_CHECK(op, cudaGetLastError());
+}
+#endif
 
 }  // namespace
 
@@ -333,57 +460,78 @@ void launch_update(const char* op, const std::vector<Pair>& pairs, int ema_dtype
 
 void ema_update(uintptr_t ema, uintptr_t param, int64_t n, int ema_dtype, int param_dtype, float w_value,
                 uintptr_t w_ptr, bool switch_param, int device, uintptr_t stream) {
-  const std::vector<Pair> pairs{{ema, param, n}};
   const auto* w = reinterpret_cast<const float*>(w_ptr);
   const auto cuda_stream = reinterpret_cast<cudaStream_t>(stream);
-  if (switch_param) {
-    launch_update<Op::kUpdateSwitch>("sema ema_update_(switch=True) [cuda]", pairs, ema_dtype, param_dtype, w, w_value,
-                                     device, cuda_stream);
-  } else {
-    launch_update<Op::kUpdate>("sema ema_update_ [cuda]", pairs, ema_dtype, param_dtype, w, w_value, device,
-                               cuda_stream);
-  }
+  const char* op = switch_param ? "sema ema_update_(switch=True) [cuda]" : "sema ema_update_ [cuda]";
+  dispatch_update_types(op, ema_dtype, param_dtype, [&](auto e, auto p) {
+    using E = decltype(e);
+    using P = decltype(p);
+    if (switch_param) {
+      launch_flat<E, P, Op::kUpdateSwitch>(op, ema, param, n, w, w_value, device, cuda_stream);
+    } else {
+      launch_flat<E, P, Op::kUpdate>(op, ema, param, n, w, w_value, device, cuda_stream);
+    }
+  });
 }
 
-void ema_update_multi(const std::vector<uintptr_t>& emas, const std::vector<uintptr_t>& params,
-                      const std::vector<int64_t>& numels, const std::vector<int>& ema_dtypes,
-                      const std::vector<int>& param_dtypes, float w_value, uintptr_t w_ptr, bool switch_param,
-                      int device, uintptr_t stream) {
+// The piece table of one dtype pair's multi-tensor update: (ema address, param address, count)
+// per block, as int64 triples, for the caller to copy to the device and pass to
+// ema_update_multi_pieces. Its size depends on the device (SMs, occupancy).
+std::vector<int64_t> plan_update_multi(const std::vector<uintptr_t>& emas, const std::vector<uintptr_t>& params,
+                                       const std::vector<int64_t>& numels, int ema_dtype, int param_dtype,
+                                       int device) {
+  const char* op = "sema ema_update_multi_ [cuda] plan";
+  std::vector<Pair> pairs;
+  pairs.reserve(emas.size());
+  for (size_t i = 0; i < emas.size(); ++i) pairs.push_back({emas[i], params[i], numels[i]});
+  std::vector<int64_t> table;
+  dispatch_update_types(op, ema_dtype, param_dtype, [&](auto e, auto p) {
+    using E = decltype(e);
+    using P = decltype(p);
+    const std::vector<Piece> pieces =
+        plan_pieces<Traits<E, P, Op::kUpdate>::V>(pairs, static_cast<int>(sizeof(typename E::Storage)),
+                                                   static_cast<int>(sizeof(typename P::Storage)),
+                                                   multi_capacity<E, P, Op::kUpdate>(op, device));
+    table.reserve(3 * pieces.size());
+    for (const Piece& piece : pieces) {
+      table.push_back(static_cast<int64_t>(piece.ema));
+      table.push_back(static_cast<int64_t>(piece.param));
+      table.push_back(piece.n);
+    }
+  });
+  return table;
+}
+
+// One launch of `count` blocks over a device table from plan_update_multi.
+void ema_update_multi_pieces(uintptr_t pieces, int64_t count, int ema_dtype, int param_dtype, float w_value,
+                             uintptr_t w_ptr, bool switch_param, int device, uintptr_t stream) {
   const char* op = switch_param ? "sema ema_update_multi_(switch=True) [cuda]" : "sema ema_update_multi_ [cuda]";
+  const auto* table = reinterpret_cast<const Piece*>(pieces);
   const auto* w = reinterpret_cast<const float*>(w_ptr);
   const auto cuda_stream = reinterpret_cast<cudaStream_t>(stream);
-  // One launch (per kMaxTensors tensors) for each dtype pair present, in order of first use.
-  std::vector<bool> done(emas.size(), false);
-  for (size_t i = 0; i < emas.size(); ++i) {
-    if (done[i]) continue;
-    std::vector<Pair> group;
-    for (size_t j = i; j < emas.size(); ++j) {
-      if (!done[j] && ema_dtypes[j] == ema_dtypes[i] && param_dtypes[j] == param_dtypes[i]) {
-        group.push_back({emas[j], params[j], numels[j]});
-        done[j] = true;
-      }
-    }
+  dispatch_update_types(op, ema_dtype, param_dtype, [&](auto e, auto p) {
+    using E = decltype(e);
+    using P = decltype(p);
     if (switch_param) {
-      launch_update<Op::kUpdateSwitch>(op, group, ema_dtypes[i], param_dtypes[i], w, w_value, device, cuda_stream);
+      launch_multi<E, P, Op::kUpdateSwitch>(op, table, count, w, w_value, device, cuda_stream);
     } else {
-      launch_update<Op::kUpdate>(op, group, ema_dtypes[i], param_dtypes[i], w, w_value, device, cuda_stream);
+      launch_multi<E, P, Op::kUpdate>(op, table, count, w, w_value, device, cuda_stream);
     }
-  }
+  });
 }
 
 void switch_param(uintptr_t ema, uintptr_t param, int64_t n, int ema_dtype, int param_dtype, int device,
                   uintptr_t stream) {
   const char* op = "sema switch_ [cuda]";
-  const std::vector<Pair> pairs{{ema, param, n}};
   const auto cuda_stream = reinterpret_cast<cudaStream_t>(stream);
   if (ema_dtype == param_dtype && ema_dtype == kFloat32) {
-    launch<Word32, Word32, Op::kSwitch>(op, pairs, nullptr, 0.0f, device, cuda_stream);
+    launch_flat<Word32, Word32, Op::kSwitch>(op, ema, param, n, nullptr, 0.0f, device, cuda_stream);
   } else if (ema_dtype == param_dtype) {
-    launch<Word16, Word16, Op::kSwitch>(op, pairs, nullptr, 0.0f, device, cuda_stream);
+    launch_flat<Word16, Word16, Op::kSwitch>(op, ema, param, n, nullptr, 0.0f, device, cuda_stream);
   } else if (ema_dtype == kFloat32 && param_dtype == kBFloat16) {
-    launch<Float32, BFloat16, Op::kSwitch>(op, pairs, nullptr, 0.0f, device, cuda_stream);
+    launch_flat<Float32, BFloat16, Op::kSwitch>(op, ema, param, n, nullptr, 0.0f, device, cuda_stream);
   } else if (ema_dtype == kFloat32 && param_dtype == kFloat16) {
-    launch<Float32, Float16, Op::kSwitch>(op, pairs, nullptr, 0.0f, device, cuda_stream);
+    launch_flat<Float32, Float16, Op::kSwitch>(op, ema, param, n, nullptr, 0.0f, device, cuda_stream);
   } else {
     throw std::invalid_argument(std::string(op) + ": unsupported dtype pair");
   }
@@ -392,23 +540,22 @@ void switch_param(uintptr_t ema, uintptr_t param, int64_t n, int ema_dtype, int 
 void swap(uintptr_t ema, uintptr_t param, int64_t n, int ema_dtype, int param_dtype, bool restore, int device,
           uintptr_t stream) {
   const char* op = restore ? "sema swap_(restore=True) [cuda]" : "sema swap_ [cuda]";
-  const std::vector<Pair> pairs{{ema, param, n}};
   const auto cuda_stream = reinterpret_cast<cudaStream_t>(stream);
   if (ema_dtype == param_dtype && ema_dtype == kFloat32) {
-    launch<Word32, Word32, Op::kExchange>(op, pairs, nullptr, 0.0f, device, cuda_stream);
+    launch_flat<Word32, Word32, Op::kExchange>(op, ema, param, n, nullptr, 0.0f, device, cuda_stream);
   } else if (ema_dtype == param_dtype) {
-    launch<Word16, Word16, Op::kExchange>(op, pairs, nullptr, 0.0f, device, cuda_stream);
+    launch_flat<Word16, Word16, Op::kExchange>(op, ema, param, n, nullptr, 0.0f, device, cuda_stream);
   } else if (ema_dtype == kFloat32 && param_dtype == kBFloat16 && restore) {
-    launch<Word32, Word16, Op::kUnpack>(op, pairs, nullptr, 0.0f, device, cuda_stream);
+    launch_flat<Word32, Word16, Op::kUnpack>(op, ema, param, n, nullptr, 0.0f, device, cuda_stream);
   } else if (ema_dtype == kFloat32 && param_dtype == kBFloat16) {
-    launch<Word32, Word16, Op::kPack>(op, pairs, nullptr, 0.0f, device, cuda_stream);
+    launch_flat<Word32, Word16, Op::kPack>(op, ema, param, n, nullptr, 0.0f, device, cuda_stream);
   } else {
     throw std::invalid_argument(std::string(op) + ": unsupported dtype pair");
   }
 }
 
 #ifdef SEMA_CUDA_HOST_EMULATION
-void set_emulated_max_blocks(int64_t blocks) { emulated_max_blocks = blocks; }
+void set_emulated_capacity(int64_t blocks) { emulated_capacity = blocks; }
 #else
 // "" when the kernels can run on `device`, else the reason they cannot.
 std::string probe(int device) {
@@ -487,7 +634,7 @@ int report(char* error, int64_t error_size, const Call& call) {
 }  // namespace
 
 extern "C" {
-void sema_emulated_set_max_blocks(int64_t blocks) { sema::cuda::set_emulated_max_blocks(blocks); }
+void sema_emulated_set_max_blocks(int64_t blocks) { sema::cuda::set_emulated_capacity(blocks); }
 
 int sema_emulated_update(uintptr_t ema, uintptr_t param, int64_t n, int ema_dtype, int param_dtype, float w_value,
                          uintptr_t w_ptr, int switch_param, char* error, int64_t error_size) {
@@ -496,13 +643,43 @@ int sema_emulated_update(uintptr_t ema, uintptr_t param, int64_t n, int ema_dtyp
   });
 }
 
+// The piece table of one dtype pair into `table` (room for `table_size` int64); its length in *written.
+int sema_emulated_plan_multi(const uintptr_t* emas, const uintptr_t* params, const int64_t* numels, int64_t count,
+                             int ema_dtype, int param_dtype, int64_t* table, int64_t table_size, int64_t* written,
+                             char* error, int64_t error_size) {
+  return report(error, error_size, [&] {
+    const std::vector<int64_t> plan = sema::cuda::plan_update_multi(
+        {emas, emas + count}, {params, params + count}, {numels, numels + count}, ema_dtype, param_dtype, 0);
+    if (static_cast<int64_t>(plan.size()) > table_size) throw std::length_error("piece table larger than the buffer");
+    std::memcpy(table, plan.data(), plan.size() * sizeof(int64_t));
+    *written = static_cast<int64_t>(plan.size());
+  });
+}
+
+// What sema/_ext_cuda.py does on the device: one piece table and one launch per dtype pair.
 int sema_emulated_update_multi(const uintptr_t* emas, const uintptr_t* params, const int64_t* numels,
                                const int* ema_dtypes, const int* param_dtypes, int64_t count, float w_value,
                                uintptr_t w_ptr, int switch_param, char* error, int64_t error_size) {
   return report(error, error_size, [&] {
-    sema::cuda::ema_update_multi({emas, emas + count}, {params, params + count}, {numels, numels + count},
-                                 {ema_dtypes, ema_dtypes + count}, {param_dtypes, param_dtypes + count}, w_value,
-                                 w_ptr, switch_param != 0, 0, 0);
+    std::vector<bool> done(count, false);
+    for (int64_t i = 0; i < count; ++i) {
+      if (done[i]) continue;
+      std::vector<uintptr_t> group_emas, group_params;
+      std::vector<int64_t> group_numels;
+      for (int64_t j = i; j < count; ++j) {
+        if (!done[j] && ema_dtypes[j] == ema_dtypes[i] && param_dtypes[j] == param_dtypes[i]) {
+          group_emas.push_back(emas[j]);
+          group_params.push_back(params[j]);
+          group_numels.push_back(numels[j]);
+          done[j] = true;
+        }
+      }
+      const std::vector<int64_t> table = sema::cuda::plan_update_multi(group_emas, group_params, group_numels,
+                                                                       ema_dtypes[i], param_dtypes[i], 0);
+      sema::cuda::ema_update_multi_pieces(reinterpret_cast<uintptr_t>(table.data()),
+                                          static_cast<int64_t>(table.size() / 3), ema_dtypes[i], param_dtypes[i],
+                                          w_value, w_ptr, switch_param != 0, 0, 0);
+    }
   });
 }
 

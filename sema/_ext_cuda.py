@@ -2,22 +2,31 @@
 
 Kernels launch on the current stream of the tensors' device. A tensor ``w`` is passed as a
 device pointer and read by the kernel: no host sync, and the ops can be captured in a CUDA
-graph. Every tensor is checked again here (device, dtype, layout, length, overlap) before its
-address goes to C++: a wrong pointer there is a crash, not an exception.
+graph. The flat ops check every tensor again here (device, dtype, layout, length, overlap)
+before its address goes to C++: a wrong pointer there is a crash, not an exception.
+
+The multi-tensor update is the dispatch target of callers that validated their tensors once
+(``SwitchEMA`` at construction, ``sema.ops.ema_update_multi_`` through
+:func:`check_update_multi` before every call), so it does not check them again: per call it
+builds a key from the tensors' addresses, lengths and dtypes and launches over a device table
+cached under that key. sema._C checks every pair when it plans a table.
 """
 
 from __future__ import annotations
 
 import functools
+from collections import OrderedDict
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
 
 from sema import _extension
-from sema._extension import check_pair, check_swap_dtypes, flat_pairs
+from sema._extension import DTYPE_CODES, check_pair, check_swap_dtypes, flat_pairs
 
 _C = _extension.extension
+PIECE_TABLE_CACHE_SIZE = 16
 
 
 @functools.cache
@@ -102,29 +111,113 @@ def swap_(ema: Tensor, param: Tensor, restore: bool = False) -> None:
     )
 
 
+@dataclass
+class PieceTables:
+    """The device piece tables of one set of tensor pairs (one launch per dtype pair) and the
+    streams that may read them.
+
+    The tables are copied without a host sync on the stream current at the first call
+    (``uploaded`` is recorded after the copy). A later call on another stream first makes that
+    stream wait for the copy and records the stream with the caching allocator, so that when
+    the tables are evicted their memory is reused only after the kernels queued on every stream
+    that read them have finished. Tables read by a CUDA graph capture are never evicted: the
+    graph replays the addresses it captured."""
+
+    launches: list[tuple[int, int, int, int]]  # (ema dtype code, param dtype code, table address, pieces)
+    storage: Tensor  # int64, every launch's table, on the device
+    uploaded: torch.cuda.Event
+    streams: set[int] = field(default_factory=set)  # handles of streams ordered after the upload
+
+
+_piece_tables: OrderedDict[tuple, PieceTables] = OrderedDict()
+_captured_piece_tables: dict[tuple, PieceTables] = {}
+
+
+def _plan_and_upload(
+    emas: Sequence[Tensor], params: Sequence[Tensor], device: torch.device, stream: torch.cuda.Stream
+) -> PieceTables:
+    groups: dict[tuple[int, int], tuple[list[int], list[int], list[int]]] = {}
+    for ema, param in zip(emas, params, strict=True):
+        codes = (DTYPE_CODES[ema.dtype], DTYPE_CODES[param.dtype])
+        group = groups.setdefault(codes, ([], [], []))
+        group[0].append(ema.data_ptr())
+        group[1].append(param.data_ptr())
+        group[2].append(ema.numel())
+    values: list[int] = []
+    spans: list[tuple[int, int, int, int]] = []
+    for (ema_code, param_code), (ema_ptrs, param_ptrs, numels) in groups.items():
+        table = _C.cuda_plan_update_multi(ema_ptrs, param_ptrs, numels, ema_code, param_code, device.index)
+        if table:
+            spans.append((ema_code, param_code, len(values), len(table) // 3))
+            values += table
+    host = torch.tensor(values, dtype=torch.int64).pin_memory()
+    with torch.cuda.stream(stream):
+        storage = torch.empty(host.shape, dtype=torch.int64, device=device)
+        storage.copy_(host, non_blocking=True)
+        uploaded = torch.cuda.Event()
+        uploaded.record(stream)
+    base = storage.data_ptr()
+    launches = [(e, p, base + 8 * offset, count) for e, p, offset, count in spans]
+    return PieceTables(launches, storage, uploaded, {stream.cuda_stream})
+
+
+def _tables_for(emas: Sequence[Tensor], params: Sequence[Tensor], device: torch.device) -> PieceTables:
+    pairs = zip(emas, params, strict=True)
+    key = (device, *[x for e, p in pairs for x in (e.data_ptr(), p.data_ptr(), e.numel(), e.dtype, p.dtype)])
+    stream = torch.cuda.current_stream(device)
+    capturing = torch.cuda.is_current_stream_capturing()
+    tables = _captured_piece_tables.get(key) or _piece_tables.get(key)
+    if tables is None:
+        if capturing:  # the copy would be captured, and replayed from a host buffer freed meanwhile
+            raise RuntimeError(
+                "sema cuda ema_update_multi_: its piece tables are built on the first call with a set of "
+                "tensors; make one call with these tensors before CUDA-graph capture"
+            )
+        tables = _plan_and_upload(emas, params, device, stream)
+        _piece_tables[key] = tables
+        if len(_piece_tables) > PIECE_TABLE_CACHE_SIZE:
+            _piece_tables.popitem(last=False)
+    elif key in _piece_tables:
+        _piece_tables.move_to_end(key)
+    handle = stream.cuda_stream
+    if handle not in tables.streams:
+        # During a capture no event may be waited for or queried; torch.cuda.graph synchronizes
+        # the device before it starts capturing, which orders the upload before the graph.
+        if not capturing:
+            stream.wait_event(tables.uploaded)
+            tables.storage.record_stream(stream)
+        tables.streams.add(handle)
+    if capturing and key not in _captured_piece_tables:
+        _captured_piece_tables[key] = tables
+        _piece_tables.pop(key, None)
+    return tables
+
+
 def ema_update_multi_(
     emas: Sequence[Tensor], params: Sequence[Tensor], w: float | Tensor, switch: bool = False
 ) -> None:
-    """:func:`ema_update_` over pairs of dense tensors of any shape: one launch per dtype pair
-    and per 64 tensors."""
-    op = "sema cuda ema_update_multi_"
-    flat_emas, flat_params, ema_codes, param_codes = flat_pairs(op, emas, params, "cuda")
-    if not flat_emas:
+    """:func:`ema_update_` over pairs of dense tensors of any shape: one launch per dtype pair,
+    each block one equal piece of one tensor. The caller has validated the pairs (see the module
+    docstring and :func:`check_update_multi`); bytes per element as the flat op, plus 24 bytes
+    of piece table per block."""
+    if not emas:
         return
-    device = flat_emas[0].device
-    if isinstance(w, Tensor):
-        for e, p in zip(flat_emas, flat_params, strict=True):
-            _weight(op, w, e, p)
-    w_value, w_ptr = _weight(op, w, flat_emas[0], flat_params[0])
-    _C.cuda_ema_update_multi(
-        [e.data_ptr() for e in flat_emas],
-        [p.data_ptr() for p in flat_params],
-        [e.numel() for e in flat_emas],
-        ema_codes,
-        param_codes,
-        w_value,
-        w_ptr,
-        bool(switch),
-        device.index,
-        _stream(device),
-    )
+    device = emas[0].device
+    if device.type != "cuda":
+        raise ValueError(f"sema cuda ema_update_multi_: emas[0] is on {device}, this backend serves cuda tensors")
+    w_value, w_ptr = (0.0, w.data_ptr()) if isinstance(w, Tensor) else (float(w), 0)
+    tables = _tables_for(emas, params, device)
+    stream = _stream(device)
+    for ema_code, param_code, address, count in tables.launches:
+        _C.cuda_ema_update_multi_pieces(
+            address, count, ema_code, param_code, w_value, w_ptr, bool(switch), device.index, stream
+        )
+
+
+def check_update_multi(emas: Sequence[Tensor], params: Sequence[Tensor], w: float | Tensor) -> None:
+    """Every check of the multi-tensor update's inputs (pairs, devices, dtypes, density, no
+    shared memory within or across the lists, ``w``), for callers that have not validated them."""
+    op = "sema cuda ema_update_multi_"
+    flat_emas, flat_params, _, _ = flat_pairs(op, emas, params, "cuda")
+    for e, p in zip(flat_emas, flat_params, strict=True):
+        _weight(op, w, e, p)

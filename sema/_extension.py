@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 # Must equal kInterfaceVersion in csrc/bindings.cpp: a stale build is reported, never called.
-INTERFACE_VERSION = 1
+INTERFACE_VERSION = 2
 
 DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 
