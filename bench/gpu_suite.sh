@@ -1,194 +1,277 @@
 #!/usr/bin/env bash
-# The GPU suite, one command on a lent GPU machine (no network there: it uses the torch, triton,
-# pytest, nvcc and pybind11 that machine has):
-#   1. builds sema in place (pip install --no-build-isolation --no-deps -e .), CUDA kernels included;
-#   2. runs the CUDA tests (tests/test_cuda_ext.py tests/test_triton.py tests/test_switch_ema.py);
-#   3. runs the bandwidth profiler over every parameter set and dtype pair (sema-bench);
-#   4. runs the peer benchmark (bench/peers.py) over every set;
-#   5. prints a short summary table last.
-# Everything goes to bench/results/<device>-<date>/ and, when $OUT is set, to $OUT as well.
-# A failed stage is reported and the next stage still runs; the exit status is 1 if any failed.
+# sema's GPU suite: one command on a lent GPU machine (one H200, no network, at most 10 minutes a
+# command, results back only through $OUT, at most 8 files) that always returns its evidence.
 #
-#   bash bench/gpu_suite.sh
-#   PYTHON=python3.11 SUITE_QUICK=1 bash bench/gpu_suite.sh    # tiny sets, few repeats: a smoke run
+#   bash bench/gpu_suite.sh                                          # on the GPU machine
+#   SUITE_DEVICE=cpu OUT=$(mktemp -d) bash bench/gpu_suite.sh        # check the script on a CPU machine
+#   SUITE_DEVICE=cpu SUITE_QUICK=1 OUT=$(mktemp -d) bash bench/gpu_suite.sh   # the same, in about a minute
 #
-# Knobs: PYTHON (default python3), SUITE_STAGES (default build,tests,profile,peers: a lent
-# machine allows 10 minutes per command, so the stages can be split over two calls, e.g.
-# SUITE_STAGES=build,tests then SUITE_STAGES=profile,peers; the summary always runs),
-# SUITE_SKIP_BUILD=1 (the same as leaving build out of SUITE_STAGES), SUITE_QUICK=1, SUITE_SETS (default all), SUITE_DTYPES (default all), SUITE_PEER_SETS
-# (default all), SUITE_REPEATS (default: the tools' own), SUITE_DEVICE (default cuda; cpu runs
-# the same stages on the CPU, to check the script itself on a machine without a GPU).
-set -euo pipefail
+# Stages, most evidence first, each under `timeout --kill-after`; limits in seconds (H200 estimate):
+#   env 45 (10), build 180 (45-60: nvcc for sm_90 only), backends 45 (8), t-cuda 120 (30),
+#   t-triton 150 (40), t-graphs 90 (20), big 90 (20: 2**31+17 elements), profile 150 (60),
+#   profile-torch 60 (20), ncu 120 (45), memcheck 150 (60), peers 120 (40; last, if time remains).
+# The whole run stays inside SUITE_BUDGET seconds (470 on cuda): a stage gets the smaller of its
+# limit and the time left, and is skipped when that is under half its limit. A stage that fails
+# or is killed is recorded (exit status, seconds, 'KILLED by time limit') and the next one runs.
+#
+# $OUT, rewritten as each stage ends (8 files at most): summary.txt (one line per stage, then the
+# bandwidth and peer tables; printed last), run.log (every stage's output), env.txt, profile.json,
+# peers.json, ncu.txt, memcheck.txt, extras.tar.gz (JUnit XML, CSV, plots, the torch-backend
+# profile). Without OUT they go to bench/results/gpu-suite-<device>-<UTC stamp>/.
+#
+# Knobs: PYTHON (default python3; .venv/bin/python in cpu mode when present), SUITE_DEVICE=cuda|cpu,
+# SUITE_QUICK=1 (cpu mode: pytest stages only collect, no build, smallest sets), SUITE_STAGES
+# (comma separated, default all), SUITE_BUDGET, SUITE_LIMIT_SCALE (multiplies every limit, e.g.
+# 0.5), SUITE_LIMITS (stage=seconds,... overrides), SUITE_KILL_AFTER (seconds from TERM to KILL,
+# default 10), SUITE_HANG=stage[:stubborn] (the stage hangs instead, ignoring TERM if stubborn: proves
+# the kill path), SUITE_CUDA_ARCHS (default 90), SUITE_XDIST (pytest-xdist workers, default 4 on
+# cuda when installed), SUITE_COMMIT (the commit, for env.txt: the GPU machine's copy has no .git).
+set -uo pipefail
+cd "$(dirname "$0")/.." || exit 2
 
-cd "$(dirname "$0")/.."
-PYTHON="${PYTHON:-python3}"
+STAGES=(env build backends t-cuda t-triton t-graphs big profile profile-torch ncu memcheck peers)
+declare -A LIMIT=(
+    [env]=45 [build]=180 [backends]=45 [t-cuda]=120 [t-triton]=150 [t-graphs]=90 [big]=90
+    [profile]=150 [profile-torch]=60 [ncu]=120 [memcheck]=150 [peers]=120
+)
+
+die() {
+    echo "gpu_suite: $*" >&2
+    exit 2
+}
+is_uint() { [[ "$1" =~ ^[0-9]+$ ]]; }
+
 DEVICE="${SUITE_DEVICE:-cuda}"
-STAGES="${SUITE_STAGES:-build,tests,profile,peers}"
-if [ "${SUITE_SKIP_BUILD:-0}" = "1" ]; then STAGES="${STAGES//build/}"; fi
-for stage in ${STAGES//,/ }; do
-    case "$stage" in build | tests | profile | peers) ;; *) echo "gpu_suite: unknown stage '$stage' in SUITE_STAGES" >&2; exit 2 ;; esac
+case "$DEVICE" in cuda | cpu) ;; *) die "SUITE_DEVICE must be cuda or cpu, not '$DEVICE'" ;; esac
+QUICK="${SUITE_QUICK:-0}"
+[ "$DEVICE" = cuda ] && [ "$QUICK" = 1 ] && die "SUITE_QUICK=1 is for SUITE_DEVICE=cpu (a check of the script)"
+if [ "$DEVICE" = cuda ]; then BUDGET="${SUITE_BUDGET:-470}"; else BUDGET="${SUITE_BUDGET:-3600}"; fi
+KILL_AFTER="${SUITE_KILL_AFTER:-10}"
+SCALE="${SUITE_LIMIT_SCALE:-1}"
+ARCHS="${SUITE_CUDA_ARCHS:-90}"
+RESERVE=15 # seconds kept for the tables and the last copy to $OUT
+is_uint "$BUDGET" || die "SUITE_BUDGET must be whole seconds, not '$BUDGET'"
+is_uint "$KILL_AFTER" || die "SUITE_KILL_AFTER must be whole seconds, not '$KILL_AFTER'"
+[[ "$SCALE" =~ ^[0-9]*\.?[0-9]+$ ]] || die "SUITE_LIMIT_SCALE must be a positive number, not '$SCALE'"
+
+IFS=, read -ra overrides <<<"${SUITE_LIMITS:-}"
+for pair in "${overrides[@]}"; do
+    name="${pair%%=*}" seconds="${pair#*=}"
+    [ -n "${LIMIT[$name]:-}" ] || die "SUITE_LIMITS: unknown stage '$name' (stages: ${STAGES[*]})"
+    is_uint "$seconds" && [ "$seconds" -gt 0 ] || die "SUITE_LIMITS: '$pair' needs whole seconds > 0"
+    LIMIT[$name]="$seconds"
 done
-want() { [[ ",$STAGES," == *",$1,"* ]]; }
-case "$DEVICE" in cuda | cuda:[0-9]* | cpu) ;; *) echo "gpu_suite: SUITE_DEVICE must be cuda[:N] or cpu, not '$DEVICE'" >&2; exit 2 ;; esac
+for name in "${!LIMIT[@]}"; do # scaled once, rounded up, at least 1 s
+    LIMIT[$name]=$(awk -v l="${LIMIT[$name]}" -v s="$SCALE" 'BEGIN { v = int(l * s + 0.999); print (v < 1 ? 1 : v) }')
+done
+IFS=, read -ra wanted <<<"${SUITE_STAGES:-$(IFS=, && echo "${STAGES[*]}")}"
+for name in "${wanted[@]}"; do
+    [ -n "${LIMIT[$name]:-}" ] || die "SUITE_STAGES: unknown stage '$name' (stages: ${STAGES[*]})"
+done
+HANG="${SUITE_HANG:-}"
+HANG_STAGE="${HANG%%:*}"
+if [ -n "$HANG" ]; then
+    [ -n "${LIMIT[$HANG_STAGE]:-}" ] || die "SUITE_HANG: unknown stage '$HANG_STAGE'"
+    [ "$HANG" = "$HANG_STAGE" ] || [ "$HANG" = "$HANG_STAGE:stubborn" ] || die "SUITE_HANG: stage or stage:stubborn"
+fi
 
-say() { printf '\n=== %s ===\n' "$*"; }
-die() { printf 'gpu_suite: %s\n' "$*" >&2; exit 2; }
+if [ -n "${PYTHON:-}" ]; then
+    PY="$PYTHON"
+elif [ "$DEVICE" = cpu ] && [ -x .venv/bin/python ]; then
+    PY="$PWD/.venv/bin/python"
+else
+    PY=python3
+fi
+command -v "$PY" >/dev/null 2>&1 || die "no '$PY'; set PYTHON=/path/to/python"
 
-command -v "$PYTHON" >/dev/null 2>&1 || die "no '$PYTHON' on PATH; set PYTHON=/path/to/python"
-"$PYTHON" - "$DEVICE" <<'EOF' || die "this suite needs torch with a CUDA device (see the message above)"
-import sys
-try:
-    import torch
-except ImportError as exc:
-    sys.exit(f"torch cannot be imported: {exc}")
-if sys.argv[1].startswith("cuda") and not torch.cuda.is_available():
-    sys.exit(f"torch {torch.__version__} sees no CUDA device (torch.version.cuda={torch.version.cuda})")
-EOF
+STAMP="$(date -u +%Y%m%d-%H%M%S)"
+SUITE_COMMIT="${SUITE_COMMIT:-$(git rev-parse HEAD 2>/dev/null || echo unknown)}"
+export SUITE_COMMIT
+OUT="${OUT:-bench/results/gpu-suite-$DEVICE-$STAMP}"
+mkdir -p "$OUT" || die "cannot create OUT=$OUT"
+WORK="$(mktemp -d "${TMPDIR:-/tmp}/sema-gpu-suite.XXXXXX")" || die "mktemp failed"
+trap 'rm -rf "$WORK"' EXIT
+mkdir -p "$WORK/extras"
+RUNLOG="$OUT/run.log"
+SUMMARY="$OUT/summary.txt"
 
-device="$("$PYTHON" - "$DEVICE" <<'EOF'
-import re, sys
-from pathlib import Path
-import torch
-if sys.argv[1].startswith("cuda"):
-    name = torch.cuda.get_device_name(torch.device(sys.argv[1]))
-else:
-    lines = Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []
-    name = next((l.split(":", 1)[1] for l in lines if l.startswith("model name")), "cpu")
-print(re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-"))
-EOF
-)"
-stamp="$(date -u +%Y%m%d-%H%M%S)"
-results="bench/results/${device}-${stamp%%-*}"
-mkdir -p "$results"
-echo "gpu_suite: results go to $results${OUT:+ and $OUT}"
+# The Triton interpreter only where there is no GPU; sema runs from this checkout.
+if [ "$DEVICE" = cuda ]; then export TRITON_INTERPRET=0; else export TRITON_INTERPRET=1; fi
+export PYTHONUNBUFFERED=1 MPLBACKEND=Agg PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 
+has_module() { "$PY" -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('$1') is None)" 2>/dev/null; }
+selected() { [[ " ${wanted[*]} " == *" $1 "* ]]; }
+
+T0=$SECONDS
 failed=()
-run_stage() {  # run_stage NAME LOGFILE COMMAND...: runs, tees the log, records a failure
-    local name="$1" log="$2"
-    shift 2
-    say "$name: $*"
-    local status=0
-    "$@" 2>&1 | tee "$log" || status=$?
-    if [ "$status" -ne 0 ]; then
-        echo "gpu_suite: $name FAILED (exit $status); log: $log" >&2
-        failed+=("$name")
-    fi
-    return 0
+{
+    echo "sema GPU suite, device=$DEVICE${QUICK/#1/ (quick)}, $STAMP UTC, commit $SUITE_COMMIT, python $PY"
+    echo "budget ${BUDGET}s, kill ${KILL_AFTER}s after TERM; stage, exit status, seconds taken (limit):"
+} | tee "$SUMMARY" >"$RUNLOG"
+
+record() { # record LINE: one summary line, as the stage ends
+    echo "$1" >>"$SUMMARY"
+    echo "$1" >>"$RUNLOG"
+    echo "gpu_suite: $1"
 }
 
-{
-    echo "date: $stamp (UTC)"
-    echo "host cpus: $(nproc)"
-    "$PYTHON" - <<'EOF'
-import platform, torch
-print("python:", platform.python_version())
-print("torch:", torch.__version__, "cuda", torch.version.cuda)
-if torch.cuda.is_available():
-    print("device:", torch.cuda.get_device_name(), torch.cuda.get_device_capability())
-try:
-    import triton
-    print("triton:", triton.__version__)
-except ImportError as exc:
-    print("triton: missing:", exc)
-EOF
-    if command -v nvcc >/dev/null 2>&1; then nvcc --version | tail -n 2; else echo "nvcc: not on PATH"; fi
-    git rev-parse HEAD 2>/dev/null | sed 's/^/git commit: /' || true
-} >"$results/environment.txt" 2>&1
-cat "$results/environment.txt"
+publish() { # copy what exists to $OUT and rewrite the archive of the rest (at most 8 files there)
+    local file
+    for file in env.txt profile.json peers.json ncu.txt memcheck.txt; do
+        if [ -s "$WORK/$file" ]; then cp -f "$WORK/$file" "$OUT/$file"; fi
+    done
+    if compgen -G "$WORK/extras/*" >/dev/null; then
+        tar -czf "$WORK/extras.tar.gz" -C "$WORK" extras && mv -f "$WORK/extras.tar.gz" "$OUT/extras.tar.gz"
+    fi
+}
 
-if want build; then
-    # The build needs no network: setuptools, wheel and pybind11 must already be there.
-    run_stage build "$results/build.log" \
-        "$PYTHON" -m pip install --no-build-isolation --no-deps --no-index -v -e .
-fi
-"$PYTHON" -c 'import sys, sema; print(sema.available_backends(sys.argv[1]))' "$DEVICE" \
-    | tee "$results/backends.txt" || failed+=("import sema")
+stage() { # stage NAME NOTE COMMAND...: COMMAND under the stage's limit, output to run.log, one summary line
+    local name="$1" note="$2"
+    shift 2
+    if ! selected "$name"; then
+        record "$(printf '%-13s skipped: not in SUITE_STAGES' "$name")"
+        return 0
+    fi
+    local limit="${LIMIT[$name]}" left=$((BUDGET - (SECONDS - T0) - KILL_AFTER - RESERVE))
+    if [ "$left" -lt $(((limit + 1) / 2)) ]; then
+        record "$(printf '%-13s skipped: %ss left of the %ss budget, limit %ss' "$name" "$((left < 0 ? 0 : left))" "$BUDGET" "$limit")"
+        publish
+        return 0
+    fi
+    if [ "$left" -lt "$limit" ]; then
+        limit="$left"
+        note="${note:+$note; }limit cut to the time left"
+    fi
+    if [ "$name" = "$HANG_STAGE" ]; then
+        note="${note:+$note; }SUITE_HANG: a hang instead of the stage"
+        if [ "$HANG" = "$HANG_STAGE:stubborn" ]; then set -- bash -c 'trap "" TERM; sleep 100000'; else set -- sleep 100000; fi
+    fi
+    printf '\n===== %s (limit %ss, t+%ss): %s\n' "$name" "$limit" "$((SECONDS - T0))" "$*" >>"$RUNLOG"
+    echo "gpu_suite: $name started (limit ${limit}s)"
+    local start=$SECONDS rc=0
+    timeout --kill-after="$KILL_AFTER" "$limit" "$@" >>"$RUNLOG" 2>&1 </dev/null || rc=$?
+    local took=$((SECONDS - start)) status
+    if { [ "$rc" -eq 124 ] || [ "$rc" -eq 137 ]; } && [ "$took" -ge "$limit" ]; then
+        status="KILLED by time limit"
+        failed+=("$name")
+    elif [ "$rc" -ne 0 ]; then
+        status="FAILED"
+        failed+=("$name")
+    else
+        status="ok"
+    fi
+    record "$(printf '%-13s exit %-3s %4ss (limit %ss) %s%s' "$name" "$rc" "$took" "$limit" "$status" "${note:+; $note}")"
+    publish
+}
 
-if want tests; then
-    run_stage tests "$results/pytest.log" \
-        "$PYTHON" -m pytest -q -rs tests/test_cuda_ext.py tests/test_triton.py tests/test_switch_ema.py \
-        --junitxml="$results/pytest-junit.xml"
-fi
+skip() { # skip NAME REASON: a stage that cannot run here
+    if selected "$1"; then record "$(printf '%-13s skipped: %s' "$1" "$2")"; else stage "$1" ""; fi
+}
 
-quick=()
-repeats=()
-sets="${SUITE_SETS:-all}"
-peer_sets="${SUITE_PEER_SETS:-all}"
-if [ "${SUITE_QUICK:-0}" = "1" ]; then
-    sets="${SUITE_SETS:-tiny,many_small}"
-    peer_sets="${SUITE_PEER_SETS:-tiny}"
-    repeats=(--repeats 5)
-    quick=(--quick)
+# 1. facts that decide how to read the rest
+stage env "" "$PY" bench/gpu/env_facts.py --copy "$WORK/env.txt"
+
+# 2. the build, CUDA kernels required (SEMA_BUILD_CUDA=1: a failed nvcc fails the stage)
+BUILD_ENV=(env SEMA_BUILD_CUDA=1 SEMA_CUDA_ARCHS="$ARCHS" MAX_JOBS="$(nproc)")
+if [ "$DEVICE" = cuda ]; then
+    stage build "sm $ARCHS" "${BUILD_ENV[@]}" "$PY" -m pip install --no-build-isolation --no-deps --no-index -v -e .
+elif [ "$QUICK" = 1 ]; then
+    skip build "SUITE_QUICK=1 (the build takes minutes on a small CPU machine)"
+else # out of tree: the in-place sema/_C of a shared checkout stays as it is
+    stage build "cpu: out-of-tree build_ext, sm $ARCHS" "${BUILD_ENV[@]}" "$PY" setup.py build_ext \
+        --build-lib "$WORK/build/lib" --build-temp "$WORK/build/temp"
 fi
-if [ -n "${SUITE_REPEATS:-}" ]; then repeats=(--repeats "$SUITE_REPEATS"); fi
-plot=()
-if "$PYTHON" -c 'import matplotlib' >/dev/null 2>&1; then
-    plot=(--plot "$results/profile-${device}.png")
+stage backends "" "$PY" bench/gpu/backends.py "$DEVICE"
+
+# 3. correctness: one pytest process per backend (a sticky CUDA error cannot spread), per-test
+# timeout, fail limit
+PYTEST=("$PY" -m pytest -q -rs -p no:cacheprovider --maxfail=5)
+if has_module pytest_timeout; then PYTEST+=(--timeout=60); fi
+XDIST="${SUITE_XDIST:-$([ "$DEVICE" = cuda ] && echo 4 || echo 0)}"
+is_uint "$XDIST" || die "SUITE_XDIST must be a whole number, not '$XDIST'"
+PARALLEL=()
+if [ "$XDIST" -gt 0 ] && has_module xdist; then PARALLEL=(-n "$XDIST"); fi
+if [ "$QUICK" = 1 ]; then PYTEST+=(--collect-only); fi
+# The update table at three sizes (the tail paths, the vector body, 2**20 + 3); the sm_80 cubin
+# check only when sm_80 is built.
+CUDA_SELECT="not test_update_matches or n17 or n4097 or n1048579"
+if [[ ";$ARCHS;" != *";80"* ]]; then CUDA_SELECT="($CUDA_SELECT) and not sm80_and_sm90"; fi
+QUICK_NOTE="${QUICK/#1/collect only (SUITE_QUICK=1)}"
+QUICK_NOTE="${QUICK_NOTE/#0/}"
+stage t-cuda "$QUICK_NOTE" "${PYTEST[@]}" "${PARALLEL[@]}" --junitxml="$WORK/extras/t-cuda.xml" \
+    tests/test_cuda_ext.py -k "$CUDA_SELECT"
+stage t-triton "$QUICK_NOTE" "${PYTEST[@]}" "${PARALLEL[@]}" --junitxml="$WORK/extras/t-triton.xml" tests/test_triton.py
+stage t-graphs "$QUICK_NOTE" "${PYTEST[@]}" --junitxml="$WORK/extras/t-graphs.xml" \
+    tests/test_compile_cuda_graphs.py -k cuda_graph
+if [ "$DEVICE" = cuda ]; then
+    stage big "" "$PY" bench/gpu/big_bucket.py --backends triton,cuda
 else
-    echo "gpu_suite: matplotlib is not installed here: no PNG plots (the JSON and CSV files have everything)"
+    stage big "cpu: n=2**20+17 on torch,cpp (2**31+17 on triton,cuda on the GPU)" \
+        "$PY" bench/gpu/big_bucket.py --device cpu --n 1048593 --backends torch,cpp
 fi
 
-if want profile; then
-    run_stage profile "$results/profile.log" \
-        "$PYTHON" -m sema.profile --set "$sets" --dtypes "${SUITE_DTYPES:-all}" --device "$DEVICE" --no-progress \
-        ${repeats[@]+"${repeats[@]}"} ${plot[@]+"${plot[@]}"} \
-        --json "$results/profile-${device}.json" --csv "$results/profile-${device}.csv"
+# 4. bandwidth
+PLOT=()
+if has_module matplotlib; then PLOT=(--plot "$WORK/extras/profile.png"); fi
+if [ "$DEVICE" = cuda ]; then
+    stage profile "" "$PY" -m sema.profile --set resnet50,gpt2_124m,decoder_1b --dtypes fp32,bf16,bf16:bf16 \
+        --backends triton,cuda --repeats 50 --no-progress --json "$WORK/profile.json" \
+        --csv "$WORK/extras/profile.csv" "${PLOT[@]}"
+    stage profile-torch "" "$PY" -m sema.profile --set gpt2_124m --dtypes fp32,bf16 --backends torch \
+        --repeats 30 --no-progress --json "$WORK/extras/profile-torch.json"
+else
+    PROFILE_SET=resnet50
+    if [ "$QUICK" = 1 ]; then PROFILE_SET=tiny; fi
+    stage profile "cpu: $PROFILE_SET on torch,cpp" "$PY" -m sema.profile --set "$PROFILE_SET" --dtypes fp32,bf16 \
+        --backends torch,cpp --repeats 3 --no-progress --json "$WORK/profile.json" --csv "$WORK/extras/profile.csv"
+    stage profile-torch "cpu: tiny" "$PY" -m sema.profile --set tiny --dtypes fp32 --backends torch --repeats 3 \
+        --no-progress --json "$WORK/extras/profile-torch.json"
 fi
 
-peer_plot=()
-if [ ${#plot[@]} -gt 0 ]; then peer_plot=(--plot "$results/peers-${device}.png"); fi
-if want peers; then
-    run_stage peers "$results/peers.log" \
-        "$PYTHON" bench/peers.py ${quick[@]+"${quick[@]}"} --sets "$peer_sets" --device "$DEVICE" --no-progress \
-        ${repeats[@]+"${repeats[@]}"} ${peer_plot[@]+"${peer_plot[@]}"} \
-        --json "$results/peers-${device}.json" --csv "$results/peers-${device}.csv"
+# 5. why: hardware counters on one launch of each kernel family
+NCU_KERNELS='regex:ema_kernel|ema_update|switch_kernel|swap_kernel|multi_kernel'
+if [ "$DEVICE" = cpu ]; then
+    stage ncu "cpu: the target alone (ncu needs a GPU)" \
+        "$PY" bench/gpu/ncu_target.py --device cpu --backends torch,cpp --n 4099
+elif ! command -v ncu >/dev/null 2>&1; then
+    skip ncu "ncu is not on PATH"
+else
+    stage ncu "" ncu --clock-control none --kernel-name "$NCU_KERNELS" --launch-count 20 \
+        --section SpeedOfLight --section Occupancy --section LaunchStats --log-file "$WORK/ncu.txt" \
+        "$PY" bench/gpu/ncu_target.py --backends triton,cuda
 fi
 
-say "summary"
-"$PYTHON" - "$results" "$device" <<'EOF' | tee "$results/summary.txt" || failed+=("summary")
-import json, sys
-from pathlib import Path
-
-results, device = Path(sys.argv[1]), sys.argv[2]
-profile_path, peers_path = results / f"profile-{device}.json", results / f"peers-{device}.json"
-if profile_path.exists():
-    rows = json.loads(profile_path.read_text())["rows"]
-    print("SwitchEMA.update per set and dtype pair: the fastest backend, GB/s and % of a same-run copy_")
-    print(f"{'set':11} {'param:ema':10} {'backend':8} {'ms':>9} {'GB/s':>8} {'% copy_':>8} {'host ms':>8}")
-    keys = dict.fromkeys((r["param_set"], r["param_dtype"], r["ema_dtype"]) for r in rows)
-    for set_name, p, e in keys:
-        mine = [r for r in rows if (r["param_set"], r["param_dtype"], r["ema_dtype"]) == (set_name, p, e)
-                and r["op"] == "SwitchEMA.update"]
-        if mine:
-            best = min(mine, key=lambda r: r["median_ms"])
-            print(f"{set_name[:11]:11} {p + ':' + e:10} {best['backend']:8} {best['median_ms']:9.3f} "
-                  f"{best['GB/s']:8.1f} {best['pct_of_copy']:7.0f}% {best['host_ms']:8.3f}")
-else:
-    print(f"no profile results ({profile_path} is missing)")
-if peers_path.exists():
-    rows = [r for r in json.loads(peers_path.read_text())["rows"] if "skipped" not in r]
-    print("\nsema SwitchEMA.update (auto backend) speed-up over each peer (peer ms / sema ms)")
-    peers = list(dict.fromkeys(r["peer"] for r in rows if not r["peer"].startswith("sema_")))
-    keys = list(dict.fromkeys((r["param_set"], r["param_dtype"]) for r in rows))
-    print(f"{'peer':24} " + " ".join(f"{s[:9] + '/' + d:>14}" for s, d in keys))
-    for peer in peers:
-        cells = []
-        for s, d in keys:
-            hit = [r for r in rows if (r["param_set"], r["param_dtype"], r["peer"]) == (s, d, peer)]
-            cells.append(f"{hit[0]['sema_auto_speedup']:13.2f}x" if hit else f"{'-':>14}")
-        print(f"{peer[:24]:24} " + " ".join(cells))
-else:
-    print(f"no peer results ({peers_path} is missing)")
-EOF
-
-if [ -n "${OUT:-}" ]; then
-    mkdir -p "$OUT/$(basename "$results")"
-    cp -r "$results/." "$OUT/$(basename "$results")/"
-    echo "gpu_suite: copied $results to $OUT/$(basename "$results")"
+# 6. out-of-bounds hunt in the CUDA extension
+MEMCHECK_QUICK=()
+if [ "$QUICK" = 1 ]; then MEMCHECK_QUICK=(--quick); fi
+if [ "$DEVICE" = cpu ]; then
+    stage memcheck "cpu: the target alone on cpp (compute-sanitizer needs a GPU)" \
+        "$PY" bench/gpu/memcheck_target.py --device cpu --backend cpp "${MEMCHECK_QUICK[@]}"
+elif ! command -v compute-sanitizer >/dev/null 2>&1; then
+    skip memcheck "compute-sanitizer is not on PATH"
+else
+    stage memcheck "" compute-sanitizer --tool memcheck --error-exitcode 1 --log-file "$WORK/memcheck.txt" \
+        "$PY" bench/gpu/memcheck_target.py --backend cuda
+    if [ -s "$WORK/memcheck.txt" ]; then
+        record "              $(grep -h 'ERROR SUMMARY' "$WORK/memcheck.txt" | tail -n 1)"
+    fi
 fi
 
-if [ ${#failed[@]} -gt 0 ]; then
-    echo "gpu_suite: FAILED stages: ${failed[*]} (logs in $results)" >&2
-    exit 1
+# 7. peers, last
+if [ "$DEVICE" = cuda ]; then
+    stage peers "" "$PY" bench/peers.py --sets resnet50,gpt2_124m --dtypes fp32,bf16 --repeats 20 --no-progress \
+        --json "$WORK/peers.json" --csv "$WORK/extras/peers.csv"
+else
+    stage peers "cpu: --quick" "$PY" bench/peers.py --quick --no-progress --json "$WORK/peers.json"
 fi
-echo "gpu_suite: all stages passed; results in $results"
+
+{
+    echo "total $((SECONDS - T0))s of the ${BUDGET}s budget; ${#failed[@]} stage(s) failed${failed[*]:+: ${failed[*]}}"
+    echo
+    timeout --kill-after=2 "$RESERVE" "$PY" bench/gpu/summary.py --profile "$WORK/profile.json" \
+        "$WORK/extras/profile-torch.json" --peers "$WORK/peers.json" 2>&1 || echo "(the tables failed: see run.log)"
+} >>"$SUMMARY"
+publish
+printf '\n===== summary (%s) =====\n' "$OUT"
+cat "$SUMMARY"
+[ "${#failed[@]}" -eq 0 ]
