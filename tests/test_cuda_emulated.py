@@ -1,13 +1,15 @@
 """The CUDA kernels of csrc/ema_cuda.cu, run on the CPU.
 
-nvcc builds csrc/ema_cuda.cu with -DSEMA_CUDA_HOST_EMULATION: the same kernel body
-(``run_thread``), launch tables (``for_each_table``: 64 tensors per launch, 8192-element chunks,
-blocks = min(chunks, max blocks)) and dtype dispatch as sema._C, with each launch run on the host
-one (block, thread) at a time. That is exact for these kernels (each element belongs to one
-thread; no thread reads another's), so the tables below check the GPU code's indexing, vector
-and scalar paths, tails, grid-stride loops and formulas where no GPU is lent. What it cannot
-check is the device itself: the intrinsics' device implementations, the launch, streams and
-CUDA graphs; tests/test_cuda_ext.py does that on a GPU.
+nvcc builds csrc/ema_cuda.cu with -DSEMA_CUDA_HOST_EMULATION: the same kernel bodies
+(``run_flat_block``, ``run_multi_block``), grids (``flat_grid``: one contiguous piece per block,
+at most as many blocks as stay resident, here a settable "capacity"), multi-tensor piece tables
+(``plan_pieces``) and dtype dispatch as sema._C, with each launch run on the host one (block,
+thread) at a time. That is exact for these kernels (each element belongs to one thread; no thread
+reads another's), so the tables below check the GPU code's indexing, its unrolled tiles (2 or 4
+vectors of 16 bytes per thread, all loaded before the first store), the partial tile that ends a
+piece, the scalar tails, the piece boundaries and formulas where no GPU is lent. What it cannot
+check is the device itself: the intrinsics' device implementations, the launch, occupancy,
+streams and CUDA graphs; tests/test_cuda_ext.py does that on a GPU.
 
 Tolerances as in test_cpp.py and test_cuda_ext.py: bit equality with the ``torch`` backend (the
 kernels compute the lerp as one fma, which torch.lerp_ also does on an AVX2 CPU; a NaN only has to
@@ -16,10 +18,12 @@ be a NaN), and the fp64 bound of ``conftest.update_bound`` at every step.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import hashlib
 import shutil
 import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -44,12 +48,15 @@ from sema._extension import DTYPE_CODES
 
 ROOT = Path(__file__).resolve().parents[1]
 SOURCE = ROOT / "csrc" / "ema_cuda.cu"
-CHUNK = 8192  # kChunkElements
-SIZES = [0, 1, 15, 17, 4097, CHUNK - 1, CHUNK, CHUNK + 1, 3 * CHUNK + 5, 2**20 + 3]
+# Elements per tile (kThreads x kUnroll vectors): 2048 for fp32 updates, 4096 for fp32/16-bit
+# pairs and 16-bit updates, 8192 for 16-bit switches; a block's piece is at least 1024 (fp32).
+TILE = 4096
+SIZES = [0, 1, 15, 17, 1023, 1025, 2047, 2048, 2049, TILE - 1, TILE, TILE + 1, 2 * TILE + 1, 3 * 8192 + 5, 2**20 + 3]
 WEIGHTS = [0.0, 1e-4, 0.5, 0.7, 1.0]
 STEPS = 20
 SWAP_PAIRS = [pair for pair in DTYPE_PAIRS if pair != (torch.float16, torch.float32)]
-H100_BLOCKS = 132 * 4
+H200_BLOCKS = 132 * 8  # resident blocks of an H200 (132 SMs) at 8 blocks per SM
+BLOCKS = [1, H200_BLOCKS]  # one block walks every tile of the buffer; or many small pieces
 
 
 def find_nvcc() -> str | None:
@@ -71,10 +78,43 @@ class EmulatedKernels:
         ]  # fmt: skip
         self.lib.sema_emulated_switch.argtypes = [ptr, ptr, i64, i32, i32, err, i64]
         self.lib.sema_emulated_swap.argtypes = [ptr, ptr, i64, i32, i32, i32, err, i64]
-        self.set_max_blocks(H100_BLOCKS)
+        self.lib.sema_emulated_plan_multi.argtypes = [
+            ctypes.POINTER(ptr), ctypes.POINTER(ptr), ctypes.POINTER(i64), i64, i32, i32,
+            ctypes.POINTER(i64), i64, ctypes.POINTER(i64), err, i64,
+        ]  # fmt: skip
+        self.set_max_blocks(H200_BLOCKS)
 
     def set_max_blocks(self, blocks: int) -> None:
+        """How many blocks the launches treat as resident at once (SMs x blocks per SM)."""
         self.lib.sema_emulated_set_max_blocks(blocks)
+
+    @contextlib.contextmanager
+    def max_blocks(self, blocks: int) -> Iterator[None]:
+        self.set_max_blocks(blocks)
+        try:
+            yield
+        finally:
+            self.set_max_blocks(H200_BLOCKS)
+
+    def plan_multi(self, emas: list[Tensor], params: list[Tensor]) -> list[tuple[int, int, int]]:
+        """The multi-tensor piece table of one dtype pair: (ema address, param address, count)."""
+        n = len(emas)
+        codes = self._pair(emas[0], params[0]) if emas else (0, 0)
+        room = 3 * (H200_BLOCKS + n + 16)
+        table, written = (ctypes.c_int64 * room)(), ctypes.c_int64()
+        self._call(
+            self.lib.sema_emulated_plan_multi,
+            (ctypes.c_size_t * n)(*[e.data_ptr() for e in emas]),
+            (ctypes.c_size_t * n)(*[p.data_ptr() for p in params]),
+            (ctypes.c_int64 * n)(*[e.numel() for e in emas]),
+            n,
+            *codes,
+            table,
+            room,
+            ctypes.byref(written),
+        )
+        values = [table[i] for i in range(written.value)]
+        return [tuple(values[i : i + 3]) for i in range(0, len(values), 3)]
 
     @staticmethod
     def _call(fn, *args) -> None:
@@ -164,7 +204,9 @@ def test_update_matches_reference_and_fp64(kernels, pair, n, w, w_as_tensor, swi
         param = random_values(n, param_dtype, generator)
         expected_param = param.clone()
         e64, p64 = ema.double(), param.double()
-        kernels.ema_update_(ema, param, weight, switch)
+        # even steps: one block walks every full tile, the partial tile and the tail of the buffer
+        with kernels.max_blocks(BLOCKS[step % 2]):
+            kernels.ema_update_(ema, param, weight, switch)
         reference.ema_update_(expected_ema, expected_param, weight, switch)
         what = f"step {step}"
         if torch_lerp_is_one_fma():
@@ -182,35 +224,34 @@ def test_update_matches_reference_and_fp64(kernels, pair, n, w, w_as_tensor, swi
         expected_ema.copy_(ema)
 
 
-@pytest.mark.parametrize("blocks", [1, 3, 7])
+@pytest.mark.parametrize("blocks", [1, 2, 3, 7, 64, H200_BLOCKS])
 @pytest.mark.parametrize("pair", DTYPE_PAIRS, ids=pair_id)
-def test_grid_stride_with_few_blocks(kernels, pair, blocks, generator):
-    """Fewer blocks than chunks: each block walks several chunks (and tensors)."""
+def test_pieces_for_any_number_of_blocks(kernels, pair, blocks, generator):
+    """Blocks of unequal and equal pieces: tiles, partial tiles and tails at piece boundaries."""
     param_dtype, ema_dtype = pair
-    n = 10 * CHUNK + 123
-    ema, param = random_values(n, ema_dtype, generator), random_values(n, param_dtype, generator)
-    expected_ema, expected_param = ema.clone(), param.clone()
-    kernels.set_max_blocks(blocks)
-    try:
-        kernels.ema_update_(ema, param, 0.3, True)
-    finally:
-        kernels.set_max_blocks(H100_BLOCKS)
-    reference.ema_update_(expected_ema, expected_param, 0.3, True)
-    assert_same(ema, expected_ema, "ema")
-    assert_same(param, expected_param, "param")
+    for n in (10 * TILE + 123, 7 * TILE, 2**16 + 9):
+        ema, param = random_values(n, ema_dtype, generator), random_values(n, param_dtype, generator)
+        expected_ema, expected_param = ema.clone(), param.clone()
+        with kernels.max_blocks(blocks):
+            kernels.ema_update_(ema, param, 0.3, True)
+        reference.ema_update_(expected_ema, expected_param, 0.3, True)
+        assert_same(ema, expected_ema, f"ema, n={n}")
+        assert_same(param, expected_param, f"param, n={n}")
 
 
+@pytest.mark.parametrize("blocks", BLOCKS)
 @pytest.mark.parametrize("offset", [1, 2, 3])
 @pytest.mark.parametrize("pair", DTYPE_PAIRS, ids=pair_id)
-def test_unaligned_views_take_the_scalar_path(kernels, pair, offset, generator):
+def test_unaligned_views_take_the_scalar_path(kernels, pair, offset, blocks, generator):
     """Views starting `offset` elements in: the 16-byte vector path is off, the scalar loop runs."""
     param_dtype, ema_dtype = pair
-    n = 3 * CHUNK + 77
+    n = 3 * TILE + 77
     ema = random_values(n + offset, ema_dtype, generator)
     param = random_values(n + offset, param_dtype, generator)
     head_e, head_p = ema[:offset].clone(), param[:offset].clone()
     expected_ema, expected_param = ema[offset:].clone(), param[offset:].clone()
-    kernels.ema_update_(ema[offset:], param[offset:], 0.3, True)
+    with kernels.max_blocks(blocks):
+        kernels.ema_update_(ema[offset:], param[offset:], 0.3, True)
     reference.ema_update_(expected_ema, expected_param, 0.3, True)
     assert_same(ema[offset:], expected_ema, "unaligned ema")
     assert_same(param[offset:], expected_param, "unaligned param")
@@ -218,10 +259,11 @@ def test_unaligned_views_take_the_scalar_path(kernels, pair, offset, generator):
     assert_bits_equal(param[:offset], head_p, "bytes before the view")
 
 
+@pytest.mark.parametrize("blocks", [3, H200_BLOCKS])
 @pytest.mark.parametrize("switch", [False, True], ids=["update", "update_switch"])
-def test_multi_many_tensors(kernels, switch, generator):
-    """150 pairs of mixed dtypes and sizes (0 included): several launches of up to 64 tensors,
-    one dtype pair per launch, the binary search over each table's chunk offsets."""
+def test_multi_many_tensors(kernels, switch, blocks, generator):
+    """150 pairs of mixed dtypes and sizes (0 included): one piece table and one launch per
+    dtype pair; with 3 resident blocks the pieces span many tiles, with an H200's they are small."""
     emas, params = [], []
     for i in range(150):
         param_dtype, ema_dtype = DTYPE_PAIRS[i % len(DTYPE_PAIRS)]
@@ -230,17 +272,17 @@ def test_multi_many_tensors(kernels, switch, generator):
         params.append(random_values(n, param_dtype, generator))
     expected = [(e.clone(), p.clone()) for e, p in zip(emas, params, strict=True)]
     w = torch.tensor(2e-3)
-    kernels.ema_update_multi_(emas, params, w, switch)
+    with kernels.max_blocks(blocks):
+        kernels.ema_update_multi_(emas, params, w, switch)
     for i, (e, p) in enumerate(expected):
         reference.ema_update_(e, p, w, switch)
         assert_same(emas[i], e, f"pair {i} ema")
         assert_same(params[i], p, f"pair {i} param")
 
 
-def test_every_element_written_once_past_a_full_table(kernels):
+def test_every_element_written_once_in_a_multi_launch(kernels):
     """65 tensors of odd sizes with w=1 (ema <- param): every element, and only those, changes."""
     sizes = [(i * 4099) % 30_000 + 1 for i in range(65)]
-    emas = [torch.zeros(n) for n in sizes]
     params = [torch.arange(1, n + 1, dtype=torch.float32) for n in sizes]
     guard = [torch.full((n + 8,), -7.0) for n in sizes]  # views with untouched tails
     emas = [g[:n] for g, n in zip(guard, sizes, strict=True)]
@@ -248,6 +290,42 @@ def test_every_element_written_once_past_a_full_table(kernels):
     for g, p, n in zip(guard, params, sizes, strict=True):
         assert_bits_equal(g[:n], p, f"tensor of {n}")
         assert_bits_equal(g[n:], torch.full((8,), -7.0), f"past the end of a tensor of {n}")
+
+
+@pytest.mark.parametrize("blocks", [1, 7, 100, H200_BLOCKS])
+@pytest.mark.parametrize("count", [1, 3, 40, 600, 2000])
+@pytest.mark.parametrize("pair", [(torch.float32, torch.float32), (torch.bfloat16, torch.float32)], ids=pair_id)
+def test_multi_piece_table(kernels, pair, count, blocks, generator):
+    """The piece table partitions every non-empty tensor, in order, into pieces of one size (a
+    whole number of 16-byte vectors, the last of each tensor shorter), and with fewer tensors
+    than half the resident blocks it has at most one piece per resident block: one wave."""
+    param_dtype, ema_dtype = pair
+    vector = 16 // param_dtype.itemsize
+    sizes = torch.randint(0, 50_000 if count < 100 else 3_000, (count,), generator=generator).tolist()
+    sizes[-1] = 0  # an empty tensor gets no piece
+    sizes[0] = max(sizes[0], 1)
+    emas = [torch.empty(n, dtype=ema_dtype) for n in sizes]
+    params = [torch.empty(n, dtype=param_dtype) for n in sizes]
+    with kernels.max_blocks(blocks):
+        pieces = kernels.plan_multi(emas, params)
+    rows = iter(pieces)
+    piece = max(n for _, _, n in pieces)
+    for i, (e, p) in enumerate(zip(emas, params, strict=True)):
+        covered = 0
+        while covered < e.numel():
+            row = next(rows, None)
+            assert row is not None, f"tensor {i} covered up to {covered} of {e.numel()}"
+            ema_at, param_at, n = row
+            where = f"tensor {i} of {e.numel()}, piece at {covered}"
+            assert ema_at == e.data_ptr() + covered * e.element_size(), f"{where}: ema address"
+            assert param_at == p.data_ptr() + covered * p.element_size(), f"{where}: param address"
+            assert n == min(piece, e.numel() - covered), f"{where}: {n} elements, pieces of {piece}"
+            if n < e.numel():  # a tensor cut in pieces: they start on 16-byte vectors
+                assert piece % vector == 0 and piece >= 256 * vector, f"{where}: pieces of {piece} elements"
+            covered += n
+    assert next(rows, None) is None, "pieces past the last tensor"
+    if 2 * sum(n > 0 for n in sizes) <= blocks:
+        assert len(pieces) <= blocks, f"{len(pieces)} pieces for {blocks} resident blocks"
 
 
 # --- switch and swap ----------------------------------------------------------------------
@@ -261,21 +339,24 @@ def test_switch_cast_bit_equal_to_torch(kernels, param_dtype, generator):
     assert_same(param, ema.to(param_dtype), f"fp32 -> {param_dtype}")
 
 
+@pytest.mark.parametrize("blocks", BLOCKS)
 @pytest.mark.parametrize("pair", DTYPE_PAIRS, ids=pair_id)
-def test_switch_matches_reference(kernels, pair, generator):
+def test_switch_matches_reference(kernels, pair, blocks, generator):
     param_dtype, ema_dtype = pair
-    for n in SIZES:
+    for n in [*SIZES, 8191, 8192, 3 * 8192 + 1]:
         ema = random_values(n, ema_dtype, generator)
         param = poisoned(n, param_dtype)
-        kernels.switch_(ema, param)
+        with kernels.max_blocks(blocks):
+            kernels.switch_(ema, param)
         expected = poisoned(n, param_dtype)
         reference.switch_(ema, expected)
         assert_same(param, expected, f"switch n={n}")
 
 
-@pytest.mark.parametrize("n", [1, 17, CHUNK + 1, 2**20 + 3], ids=lambda n: f"n{n}")
+@pytest.mark.parametrize("blocks", BLOCKS)
+@pytest.mark.parametrize("n", [1, 17, 2047, TILE + 1, 8193, 2**20 + 3], ids=lambda n: f"n{n}")
 @pytest.mark.parametrize("pair", SWAP_PAIRS, ids=pair_id)
-def test_swap_bit_exact_and_restores(kernels, pair, n, generator):
+def test_swap_bit_exact_and_restores(kernels, pair, n, blocks, generator):
     """Random bit patterns (NaN payloads included): the swap equals the reference's, and the
     restoring swap gives back both buffers bit for bit."""
     param_dtype, ema_dtype = pair
@@ -285,11 +366,13 @@ def test_swap_bit_exact_and_restores(kernels, pair, n, generator):
     param = param_bits.to(torch.int32 if param_dtype == torch.float32 else torch.int16).view(param_dtype)
     ema0, param0 = ema.clone(), param.clone()
     expected_ema, expected_param = ema.clone(), param.clone()
-    kernels.swap_(ema, param)
+    with kernels.max_blocks(blocks):
+        kernels.swap_(ema, param)
     reference.swap_(expected_ema, expected_param)
     assert_bits_equal(ema, expected_ema, "swapped ema")
     assert_bits_equal(param, expected_param, "swapped param")
-    kernels.swap_(ema, param, restore=True)
+    with kernels.max_blocks(blocks):
+        kernels.swap_(ema, param, restore=True)
     assert_bits_equal(ema, ema0, "restored ema")
     assert_bits_equal(param, param0, "restored param")
 
@@ -298,14 +381,14 @@ def test_swap_bit_exact_and_restores(kernels, pair, n, generator):
 
 
 def test_the_checks_see_a_launch_that_misses_elements(kernels, generator):
-    """Negative control for the comparisons above: an update that leaves the last chunk alone
-    (as a lost block would) fails them. (Mutating the kernel source itself, e.g. dropping the
-    last element of the scalar loop or an off-by-one in the table search, also fails this file:
-    checked by hand when the emulation was written.)"""
-    n = 3 * CHUNK
+    """Negative control for the comparisons above: an update that leaves the last tile alone
+    (as a lost block would) fails them. (Mutating the kernel source itself also fails this file,
+    checked by hand: a masked tail loop that stops one vector early, a flat grid whose pieces
+    are rounded down instead of up, a piece table whose pieces skip the last element.)"""
+    n = 3 * TILE
     ema, param = random_values(n, torch.float32, generator), random_values(n, torch.float32, generator)
     expected_ema, expected_param = ema.clone(), param.clone()
-    kernels.ema_update_(ema[: 2 * CHUNK], param[: 2 * CHUNK], 0.3, False)  # stands for a lost block
+    kernels.ema_update_(ema[: 2 * TILE], param[: 2 * TILE], 0.3, False)  # stands for a lost block
     reference.ema_update_(expected_ema, expected_param, 0.3, False)
     with pytest.raises(AssertionError):
         assert_same(ema, expected_ema, "ema")
