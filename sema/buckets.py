@@ -31,12 +31,19 @@ class BucketMovedError(RuntimeError):
     ``param.data = ...``): the EMA would silently stop following it."""
 
 
+class ParamAliasError(ValueError):
+    """Tracked params share memory in a way bucketing would break (a param that is a view of part
+    of another, or of a tensor the EMA does not track); raised before any param moves."""
+
+
 @dataclass
 class FlatBucket:
     """Params of one (device, dtype), their flat storage and the matching EMA buffer.
 
     ``param_flat`` and ``ema_flat`` are 1-D, equal length (padding included); param ``i``
-    occupies ``[offsets[i], offsets[i] + numels[i])`` of both.
+    occupies ``[offsets[i], offsets[i] + numels[i])`` of both. Distinct ``Parameter`` objects
+    that shared one memory region before bucketing (old-style tying) share one slot, so they
+    stay tied and have one EMA.
     """
 
     device: torch.device
@@ -48,6 +55,8 @@ class FlatBucket:
     offsets: list[int]
     numels: list[int]
     data_ptrs: tuple[int, ...] = field(default=())
+    base_ptr: int = 0
+    shapes: tuple[tuple[torch.Size, tuple[int, ...]], ...] = field(default=())
 
     def ema_view(self, index: int) -> Tensor:
         """The EMA of param ``index``, shaped (and strided) like the param."""
@@ -56,10 +65,26 @@ class FlatBucket:
         return self.ema_flat.as_strided(p.shape, _dense_strides(p), start)
 
     def moved(self) -> list[str]:
-        """Names of the params that no longer point into this bucket (empty when all do)."""
-        if tuple(map(Tensor.data_ptr, self.params)) == self.data_ptrs:
+        """Names of the params that are no longer views of this bucket's storage at their offsets
+        with their shapes (empty when all are). A change that keeps the storage and the offsets is
+        no move: ``share_memory_()`` puts the whole storage in shared memory in place, which
+        changes every data pointer, so the pointers are re-read from the bucket's base then."""
+        base = self.param_flat.data_ptr()
+        ptrs = tuple(map(Tensor.data_ptr, self.params))
+        if base == self.base_ptr and ptrs == self.data_ptrs:
             return []
-        return [n for n, p, ptr in zip(self.names, self.params, self.data_ptrs, strict=False) if p.data_ptr() != ptr]
+        size = self.param_flat.element_size()
+        start = base - self.param_flat.storage_offset() * size
+        moved = [
+            name
+            for name, p, ptr, offset, layout in zip(
+                self.names, self.params, ptrs, self.offsets, self.shapes, strict=True
+            )
+            if ptr != start + offset * size or (p.shape, p.stride()) != layout
+        ]
+        if not moved:
+            self.base_ptr, self.data_ptrs = base, ptrs
+        return moved
 
 
 def _dense_strides(t: Tensor) -> tuple[int, ...]:
@@ -83,27 +108,137 @@ def plan_buckets(
     return groups
 
 
+# --- memory shared between params ---------------------------------------------------------
+
+
+def _extent(t: Tensor) -> int:
+    """Bytes from ``t.data_ptr()`` to one past its last element (its numel for dense tensors)."""
+    return (1 + sum((size - 1) * stride for size, stride in zip(t.shape, t.stride(), strict=True))) * t.element_size()
+
+
+def _memory_key(t: Tensor) -> tuple:
+    return (t.data_ptr(), tuple(t.shape), t.stride(), t.dtype)
+
+
+def check_aliasing(
+    named: Sequence[tuple[str, Tensor]],
+    untracked: Sequence[tuple[str, Tensor]] = (),
+    allow_ties: bool = True,
+) -> list[list[str]]:
+    """Check how the tracked params ``named`` share memory, before bucketing moves any of them;
+    returns the groups of names that are exact ties (distinct ``Parameter`` objects over the same
+    memory, shape, strides and dtype: ``head.weight = nn.Parameter(emb.weight)``).
+
+    Raises :class:`ParamAliasError`, naming both tensors and the fix, when a tracked param
+    overlaps another one without being an exact tie (a view of part of it), when it overlaps a
+    tensor in ``untracked`` (frozen params, buffers: bucketing would move only one side), and
+    on exact ties when ``allow_ties`` is false (where params are not bucketed, a tie would be
+    two EMAs of one memory). Pass local tensors (a DTensor's shard); tensors on the meta device
+    and empty ones hold no memory and are skipped. Sorting by address: O(n log n).
+    """
+    entries = []
+    for tracked, pairs in ((True, named), (False, untracked)):
+        for name, t in pairs:
+            if t.numel() and t.device.type != "meta" and t.layout == torch.strided:
+                start = t.data_ptr()
+                entries.append(((t.device.type, t.device.index or 0), start, start + _extent(t), tracked, name, t))
+    entries.sort(key=lambda e: (e[0], e[1], -e[2]))
+    clusters: list[list[tuple]] = []
+    for entry in entries:
+        last = clusters[-1] if clusters else None
+        if last is not None and last[0][0] == entry[0] and entry[1] < max(e[2] for e in last):
+            last.append(entry)
+        else:
+            clusters.append([entry])
+    ties = []
+    for cluster in clusters:
+        if len(cluster) < 2:
+            continue
+        tracked_entries = [e for e in cluster if e[3]]
+        if not tracked_entries:
+            continue
+        for e in cluster:
+            if not e[3]:
+                raise ParamAliasError(
+                    f"param {tracked_entries[0][4]!r} shares memory with {e[4]!r}, which the EMA does not track "
+                    "(a frozen param or a buffer); bucketing would move only the param and untie them. Give the "
+                    "param its own memory (nn.Parameter(t.clone())), or make both trainable and tie them with one "
+                    "Parameter object"
+                )
+        first = tracked_entries[0]
+        for e in tracked_entries[1:]:
+            if _memory_key(e[5]) != _memory_key(first[5]):
+                raise ParamAliasError(
+                    f"params {first[4]!r} ({_describe(first[5])}) and {e[4]!r} ({_describe(e[5])}) overlap in "
+                    "memory without being the same tensor (one is a view of part of the other); sema cannot keep "
+                    "such a relation. Give each its own memory (nn.Parameter(t.clone())), or tie them with one "
+                    "Parameter object"
+                )
+        names = [e[4] for e in tracked_entries]
+        if not allow_ties:
+            a, b = names[0], names[1]
+            raise ParamAliasError(
+                f"params {a!r} and {b!r} are distinct Parameters over the same memory (old-style tying); here "
+                f"they would get two EMAs of one memory. Tie them with the same Parameter object "
+                f"(e.g. `model.{b} = model.{a}`), or untie them with nn.Parameter(t.clone())"
+            )
+        ties.append(names)
+    return ties
+
+
+def _describe(t: Tensor) -> str:
+    return f"{t.dtype} {tuple(t.shape)} at byte {t.data_ptr()} with strides {t.stride()}"
+
+
+# --- building buckets, all or nothing -----------------------------------------------------
+
+
 def build_bucket(
     device: torch.device, dtype: torch.dtype, members: Sequence[tuple[str, nn.Parameter]], ema_dtype: torch.dtype
 ) -> FlatBucket:
     """Copy ``members`` into one flat buffer, re-point each ``param.data`` to its view and
-    allocate the EMA buffer (initialised to the params, cast to ``ema_dtype``)."""
-    offsets, numels = [], []
-    total = 0
-    for _, p in members:
-        total = _align(total, dtype)
-        offsets.append(total)
-        numels.append(p.numel())
-        total += p.numel()
-    total = _align(total, dtype)
-    flat = _empty(total, dtype, device).zero_()
-    with torch.no_grad():
-        for (_, p), offset in zip(members, offsets, strict=False):
-            view = flat.as_strided(p.shape, _dense_strides(p), offset)
-            view.copy_(p.data)
-            p.data = view
-        ema_flat = _empty(total, ema_dtype, device).copy_(flat)
+    allocate the EMA buffer (initialised to the params, cast to ``ema_dtype``).
+
+    All or nothing: both buffers are allocated and every value copied before the first param is
+    re-pointed, and on any failure every param points at its old memory again. That keeps the
+    old params alive until the end: the peak is old params + param bucket + EMA bucket.
+    Exact ties (see :func:`check_aliasing`) share one slot; partial overlaps are refused first.
+    Params in shared memory (``model.share_memory()``, CPU) get a bucket in shared memory.
+    """
+    check_aliasing(members)
     params = [p for _, p in members]
+    slot_of: dict[tuple, int] = {}
+    offsets, numels, sources = [], [], []
+    total = 0
+    for p in params:
+        key = _memory_key(p) if p.numel() else None
+        if key is not None and key in slot_of:
+            offsets.append(offsets[slot_of[key]])
+        else:
+            total = _align(total, dtype)
+            if key is not None:
+                slot_of[key] = len(offsets)
+            offsets.append(total)
+            sources.append(len(offsets) - 1)
+            total += p.numel()
+        numels.append(p.numel())
+    total = _align(total, dtype)
+    shared = device.type == "cpu" and any(p.untyped_storage().is_shared() for p in params)
+    flat = _empty(total, dtype, device, shared)
+    ema_flat = _empty(total, ema_dtype, device, shared)
+    originals = [p.data for p in params]
+    views = [flat.as_strided(p.shape, _dense_strides(p), offset) for p, offset in zip(params, offsets, strict=True)]
+    try:
+        with torch.no_grad():
+            flat.zero_()
+            for i in sources:
+                views[i].copy_(originals[i])
+            ema_flat.copy_(flat)
+            for p, view in zip(params, views, strict=True):
+                p.data = view
+    except BaseException:
+        _restore(params, originals)
+        raise
     return FlatBucket(
         device=device,
         dtype=dtype,
@@ -114,7 +249,53 @@ def build_bucket(
         offsets=offsets,
         numels=numels,
         data_ptrs=tuple(p.data_ptr() for p in params),
+        base_ptr=flat.data_ptr(),
+        shapes=tuple((p.shape, p.stride()) for p in params),
     )
+
+
+def build_buckets(
+    plans: Sequence[tuple[torch.device, torch.dtype, Sequence[tuple[str, nn.Parameter]], torch.dtype]],
+) -> list[FlatBucket]:
+    """:func:`build_bucket` for each ``(device, dtype, members, ema_dtype)``, all or nothing: the
+    params of every plan are checked for shared memory first, and if a later bucket fails (an
+    allocation, say), the params of the buckets already built point at their old memory again."""
+    check_aliasing([member for _, _, members, _ in plans for member in members])
+    params = [p for _, _, members, _ in plans for _, p in members]
+    originals = [p.data for p in params]
+    built = []
+    try:
+        for device, dtype, members, ema_dtype in plans:
+            built.append(build_bucket(device, dtype, members, ema_dtype))
+    except BaseException:
+        _restore(params, originals)
+        raise
+    return built
+
+
+def _restore(params: Sequence[nn.Parameter], originals: Sequence[Tensor]) -> None:
+    for p, old in zip(params, originals, strict=True):
+        if p.data_ptr() != old.data_ptr() or p.shape != old.shape or p.stride() != old.stride():
+            p.data = old
+
+
+def live_state_dict(model: nn.Module) -> dict[str, object]:
+    """``model.state_dict()`` with every tensor copied into its own contiguous storage: the way to
+    save the live weights of a bucketed model.
+
+    A bucketed param is a view of its bucket, so ``torch.save`` of any part of
+    ``model.state_dict()`` writes the whole bucket, and ``safetensors.torch.save_model`` /
+    ``load_model`` refuse the model (its tensors share a storage none of them covers). Save this
+    instead (``torch.save(sd, f)`` or ``safetensors.torch.save_file(sd, f)``: each tensor costs
+    its own bytes) and load with ``model.load_state_dict(torch.load(f))`` or
+    ``model.load_state_dict(safetensors.torch.load_file(f))``, which copy into the bucket (never
+    ``assign=True``, which moves params out of it). A snapshot: it costs one copy of the weights.
+    Tied params appear under each name, each with its own copy, as ``state_dict()`` lists them.
+    """
+    return {
+        name: value.detach().clone(memory_format=torch.contiguous_format) if isinstance(value, Tensor) else value
+        for name, value in model.state_dict().items()
+    }
 
 
 def huge_pages_wanted() -> bool:
@@ -122,7 +303,7 @@ def huge_pages_wanted() -> bool:
     return os.environ.get("SEMA_HUGEPAGES", "1").strip().lower() not in ("0", "off", "false", "no")
 
 
-def _empty(numel: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+def _empty(numel: int, dtype: torch.dtype, device: torch.device, shared: bool = False) -> Tensor:
     """An uninitialised bucket buffer. On Linux CPUs, one of HUGE_PAGE_MIN_BYTES or more is
     madvise()d MADV_HUGEPAGE over its 2 MiB-aligned interior before sema writes it, so that where
     transparent huge pages are enabled ("always" or "madvise") the kernel backs it with 2 MiB
@@ -131,8 +312,11 @@ def _empty(numel: int, dtype: torch.dtype, device: torch.device) -> Tensor:
     that gained 3% in the median. Best effort: large buffers come from a fresh mmap, but glibc
     may serve one under 32 MiB from heap memory used before (its pages stay as they are; the
     hint stays on that range after the bucket is freed, which is harmless), and on any failure
-    the buffer simply stays on normal pages."""
+    the buffer simply stays on normal pages. ``shared``: in shared memory, as
+    ``Tensor.share_memory_()`` makes it, so that other processes see the writes."""
     flat = torch.empty(numel, dtype=dtype, device=device)
+    if shared:  # CPU only; huge pages for shared memory are a separate kernel setting (shmem_enabled)
+        return flat.share_memory_()
     nbytes = flat.numel() * flat.element_size()
     if device.type == "cpu" and _LINUX and nbytes >= HUGE_PAGE_MIN_BYTES and huge_pages_wanted():
         start = -(-flat.data_ptr() // HUGE_PAGE_BYTES) * HUGE_PAGE_BYTES
