@@ -5,9 +5,13 @@ call does one full EMA step with the same decay as sema (warm-up schedules and "
 k steps" turned off, the first call's plain copy done before timing): so all rows time the
 same work, ``ema <- decay * ema + (1 - decay) * param`` over every parameter.
 
-    timm ModelEmaV3        reimplemented here (timm needs torchvision, whose wheel does not load
-                           beside this torch): deep copy of the model, ``_foreach_lerp_`` over the
-                           floating tensors of both state_dicts. EMA in the model's dtype.
+    timm ModelEmaV3        timm's own class where timm is installed: ``ModelEmaV3(model, decay,
+                           use_warmup=False, foreach=True)``, with ``dtype=torch.float32`` for a
+                           low-precision model (timm versions without ``dtype=`` keep the EMA in
+                           the model's dtype). Where timm is missing (here it needs a torchvision
+                           that loads beside this torch), a reimplementation of its foreach
+                           algorithm runs instead: deep copy of the model, ``_foreach_lerp_`` over
+                           the floating tensors of both state_dicts, EMA in the model's dtype.
     AveragedModel          torch.optim.swa_utils, ``multi_avg_fn=get_ema_multi_avg_fn(decay)``.
     ema-pytorch EMA        lucidrains' ``EMA``, default (per-tensor ``lerp_``) and ``use_foreach=True``.
     torch_ema              ``ExponentialMovingAverage(params, decay, use_num_updates=False)``.
@@ -16,10 +20,11 @@ same work, ``ema <- decay * ema + (1 - decay) * param`` over every parameter.
     NeMo-style             reimplemented here: NeMo's EMA keeps copies of the params (their dtype)
                            and updates them with ``_foreach_mul_`` + ``_foreach_add_``.
 
-bf16 models: sema keeps an fp32 EMA. Each peer runs in its own fp32-EMA configuration where it
-has one (``config`` says which); timm ModelEmaV3, NeMo and ``get_ema_multi_avg_fn`` keep the
-EMA in the params' dtype and have none (``fp32_ema`` is false; they then move fewer bytes than
-sema, so the comparison there favours them).
+bf16 models: sema keeps an fp32 EMA by default. Each peer runs in its own fp32-EMA
+configuration where it has one (``config`` says which). Peers without one (the timm
+reimplementation, NeMo-style) keep the EMA in the params' dtype (``fp32_ema`` is false) and are
+compared with a sema row that does the same (``sema_auto_same_dtype``: ``ema_dtype=None``), so
+each comparison moves the same bytes; ``compared_with`` names the sema row of each speed-up.
 
 Timing as in ``sema.profile``: candidates round-robin, median of the calls (CUDA events / CPU
 ``perf_counter``); a buffer twice the last-level cache is written between calls (untimed), so
@@ -38,6 +43,7 @@ import csv
 import gc
 import importlib.metadata
 import importlib.util
+import inspect
 import json
 import sys
 from collections.abc import Callable, Sequence
@@ -78,19 +84,25 @@ class Peer:
     package: str | None  # the distribution it needs (None: torch only, or reimplemented here)
     reimplementation: bool
     build: Callable[[nn.Module, float, bool], PeerSetup]  # (model, decay, want an fp32 EMA)
+    stands_in_for: str | None = None  # a reimplementation that runs only where this package is missing
 
     def availability(self) -> tuple[bool, str]:
+        if self.stands_in_for is not None and _installed(self.stands_in_for):
+            return False, f"{self.stands_in_for} is installed: its own class runs instead"
         if self.package is None:
             return True, "reimplemented here" if self.reimplementation else "part of torch"
-        module = {"ema-pytorch": "ema_pytorch", "torch-ema": "torch_ema"}.get(self.package, self.package)
-        try:
-            spec = importlib.util.find_spec(module)
-        except (ImportError, ValueError):
-            spec = None
-        if spec is None:
+        if not _installed(self.package):
             torch_pin = torch.__version__.split("+")[0]  # keep pip from replacing this torch
             return False, f"{self.package} is not installed (pip install {self.package} torch=={torch_pin})"
         return True, f"{self.package} {importlib.metadata.version(self.package)}"
+
+
+def _installed(package: str) -> bool:
+    module = {"ema-pytorch": "ema_pytorch", "torch-ema": "torch_ema"}.get(package, package)
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):
+        return False
 
 
 def _low_precision(model: nn.Module) -> bool:
@@ -98,6 +110,31 @@ def _low_precision(model: nn.Module) -> bool:
 
 
 def _timm_model_ema_v3(model: nn.Module, decay: float, fp32: bool) -> PeerSetup:
+    from timm.utils import ModelEmaV3
+
+    accepted = inspect.signature(ModelEmaV3).parameters
+    options: dict[str, Any] = {"decay": decay, "use_warmup": False, "foreach": True}
+    config = "ModelEmaV3(model, decay=decay, use_warmup=False, foreach=True"
+    if fp32 and _low_precision(model):
+        if "dtype" in accepted:
+            options["dtype"] = torch.float32
+            config += ", dtype=torch.float32)"
+        else:
+            config += "); this timm has no dtype=: the EMA stays in the params' dtype"
+    else:
+        config += ")"
+    ema = ModelEmaV3(model, **options)  # a deep copy: no first update needed
+    ema_dtype = next(ema.module.parameters()).dtype
+    return PeerSetup(
+        lambda: ema.update(model),
+        lambda: list(ema.module.parameters()),
+        ema_dtype,
+        config,
+        ema_dtype == torch.float32,
+    )
+
+
+def _timm_model_ema_v3_reimplemented(model: nn.Module, decay: float, fp32: bool) -> PeerSetup:
     # timm's ModelEmaV3 (foreach=True): the EMA is a deep copy of the model; an update lerps the
     # floating entries of the two state_dicts with one _foreach_lerp_ and copies the others.
     ema_module = copy.deepcopy(model).requires_grad_(False)
@@ -248,7 +285,15 @@ def _nemo_style(model: nn.Module, decay: float, fp32: bool) -> PeerSetup:
 PEERS: dict[str, Peer] = {
     peer.name: peer
     for peer in (
-        Peer("timm_v3", "timm ModelEmaV3 (reimpl., foreach lerp)", None, True, _timm_model_ema_v3),
+        Peer("timm_v3", "timm ModelEmaV3", "timm", False, _timm_model_ema_v3),
+        Peer(
+            "timm_v3_reimpl",
+            "timm ModelEmaV3 (reimpl., foreach lerp)",
+            None,
+            True,
+            _timm_model_ema_v3_reimplemented,
+            stands_in_for="timm",
+        ),
         Peer("averaged_model", "torch AveragedModel + get_ema_*avg_fn", None, False, _averaged_model),
         Peer("ema_pytorch", "ema-pytorch EMA", "ema-pytorch", False, _ema_pytorch(False)),
         Peer("ema_pytorch_foreach", "ema-pytorch EMA use_foreach", "ema-pytorch", False, _ema_pytorch(True)),
@@ -261,29 +306,35 @@ PEERS: dict[str, Peer] = {
 }
 
 
-def sema_setup(model: nn.Module, decay: float, backend: str = "auto") -> PeerSetup:
+def sema_setup(
+    model: nn.Module, decay: float, backend: str = "auto", ema_dtype: torch.dtype | None = torch.float32
+) -> PeerSetup:
     """sema's ``SwitchEMA`` (no switching: the plain EMA step the peers do) on ``model``,
-    which it re-points into flat buckets: give it a model of its own."""
-    averager = sema.SwitchEMA(model, decay=decay, switch_every=None, backend=backend)
+    which it re-points into flat buckets: give it a model of its own. ``ema_dtype=None`` keeps
+    the EMA in the params' dtype."""
+    averager = sema.SwitchEMA(model, decay=decay, switch_every=None, ema_dtype=ema_dtype, backend=backend)
     names = [n for n, p in model.named_parameters() if p.requires_grad]
+    resolved_dtype = ema_dtype or next(model.parameters()).dtype
 
     def emas() -> list[Tensor]:
         state = averager.state_dict()["ema"]
         return [state[n] for n in names]
 
     resolved = ", ".join(sorted(set(averager.backends.values())))
-    config = f"SwitchEMA(model, decay, switch_every=None, backend={backend!r}): {resolved}"
-    return PeerSetup(averager.update, emas, torch.float32, config, True)
+    dtype_option = "" if ema_dtype == torch.float32 else f", ema_dtype={ema_dtype}"
+    config = f"SwitchEMA(model, decay, switch_every=None{dtype_option}, backend={backend!r}): {resolved}"
+    return PeerSetup(averager.update, emas, resolved_dtype, config, resolved_dtype == torch.float32)
 
 
 # --- the benchmark -----------------------------------------------------------------------------
 
 
 def memory_needed(n: int, param_dtype: torch.dtype, n_peers: int) -> int:
-    """Peak bytes: three models (peers', sema auto's, sema torch's), two fp32 sema EMAs, one EMA
-    per peer (fp32 at most), the fp32 temporaries some peers make, and slack."""
+    """Peak bytes: four models (peers', sema auto's, sema torch's, sema same-dtype's), two fp32
+    sema EMAs and one in the params' dtype, one EMA per peer (fp32 at most), the fp32 temporaries
+    some peers make, and slack."""
     p = param_dtype.itemsize
-    return n * (3 * p + 2 * 4 + n_peers * 4 + 2 * 4) + (256 << 20)
+    return n * (5 * p + 2 * 4 + n_peers * 4 + 2 * 4) + (256 << 20)
 
 
 def run_set(
@@ -316,6 +367,8 @@ def run_set(
     rows: list[dict[str, Any]] = []
     for backend in ("auto", "torch"):
         setups[f"sema_{backend}"] = sema_setup(copy.deepcopy(model), decay, backend)
+    if param_dtype != torch.float32:  # the counterpart of peers that keep the EMA in the params' dtype
+        setups["sema_auto_same_dtype"] = sema_setup(copy.deepcopy(model), decay, "auto", ema_dtype=None)
     for name in peer_names:
         peer = PEERS[name]
         ok, why = peer.availability()
@@ -339,11 +392,14 @@ def run_set(
     labels = {
         "sema_auto": "sema SwitchEMA.update (auto backend)",
         "sema_torch": "sema SwitchEMA.update (torch backend)",
+        "sema_auto_same_dtype": "sema SwitchEMA.update (auto, param-dtype EMA)",
     }
     for name, setup in setups.items():
         t = timings[name]
         nbytes = profile.bytes_per_element("update", param_dtype, setup.ema_dtype) * n
         peer = PEERS.get(name)
+        # Each row against the sema row that keeps its EMA in the same dtype: the same bytes.
+        same = "sema_auto" if setup.fp32_ema or "sema_auto_same_dtype" not in setups else "sema_auto_same_dtype"
         rows.append(
             {
                 **base,
@@ -355,7 +411,8 @@ def run_set(
                 "fp32_ema": setup.fp32_ema,
                 "config": setup.config,
                 **t.row_fields(nbytes),
-                "sema_auto_speedup": t.median_s / timings["sema_auto"].median_s,
+                "compared_with": same,
+                "sema_auto_speedup": t.median_s / timings[same].median_s,
                 "sema_torch_speedup": t.median_s / timings["sema_torch"].median_s,
             }
         )
@@ -394,8 +451,9 @@ def run(
             "warmup_rounds": warmup,
             "timing": "round-robin over the candidates, median; a 2x last-level-cache buffer is written "
             "between calls (untimed)",
-            "speedup": "peer median time / sema median time (sema_auto: SwitchEMA with backend='auto', "
-            "sema_torch: backend='torch'); > 1 means sema is faster",
+            "speedup": "peer median time / sema median time (sema_auto_speedup: against SwitchEMA with "
+            "backend='auto' and the row's EMA dtype, named by compared_with; sema_torch_speedup: against "
+            "backend='torch', fp32 EMA); > 1 means sema is faster",
             "bytes": "GB/s from the update's bytes, 2E + P per element at each peer's own EMA dtype",
         },
         "peers": {name: {"label": p.label, "availability": p.availability()[1]} for name, p in PEERS.items()},
@@ -416,7 +474,10 @@ def format_table(result: dict[str, Any]) -> str:
             f"{r['GB/s']:7.2f} {r['sema_auto_speedup']:9.2f}x {r['sema_torch_speedup']:9.2f}x"
         )
     lines.append("sema auto / sema torch: how many times faster SwitchEMA.update is than the row (row ms / sema ms)")
-    lines.append("* no fp32-EMA option for low-precision params: the EMA stays in the params' dtype (fewer bytes)")
+    lines.append(
+        "* no fp32-EMA option for low-precision params: the EMA stays in the params' dtype; its 'sema auto' is "
+        "against sema with ema_dtype=None (the same bytes)"
+    )
     return "\n".join(lines)
 
 
