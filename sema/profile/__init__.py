@@ -3,10 +3,11 @@
 For a built-in parameter set (shapes only, nothing downloaded) or any ``nn.Module``
 (:func:`profile_module`), it times every op of the kernel contract on every available backend,
 for each (param dtype, EMA dtype) pair, next to a ``copy_`` moving the same number of bytes in
-the same run, plus the full ``SwitchEMA.update()`` call and its host time. GB/s use the byte
-counts of DESIGN.md (E, P: bytes per EMA / param element):
+the same run, plus the multi-tensor update, the full ``SwitchEMA.update()`` call and its host
+time. GB/s use the byte counts of DESIGN.md (E, P: bytes per EMA / param element):
 
     update          read ema + param, write ema           = 2E + P   per element
+    update_multi    the same, over the tensors as separate allocations (the FSDP2 path)
     update_switch   read ema + param, write ema + param   = 2E + 2P
     switch          read ema, write param                 = E + P
     swap            read and write both                   = 2E + 2P
@@ -16,17 +17,35 @@ bytes/2 into bytes/2 (the same traffic, half read, half written) / time of the o
 that reads more than it writes can pass 100% where reads are cheaper than writes.
 
 Timing: every candidate of one (set, dtype pair) is timed round-robin, so a noisy moment hits
-all alike, and the median is kept (quartiles too). CUDA: a pair of events around each call;
-CPU: ``time.perf_counter`` (the ops are synchronous there). Each call works on the next of
-several copies of the buffers, enough that together they are twice the last-level cache, so a
-call never finds its data in the cache left by the call before (``triton.testing.do_bench``
-flushes the L2 for the same reason). The ``copy_`` source is written before timing: untouched
-pages read as zeros from the cache and would inflate ``copy_``.
+all alike, and the median is kept (quartiles too). CUDA: a pair of events around each call,
+with a spin kernel queued ahead of each round for longer than the host takes to issue it, so
+no call's events wait for the host; CPU: ``time.perf_counter`` (the ops are synchronous there).
+Each call works on the next of several copies of the buffers, enough that together they are
+twice the last-level cache, so a call never finds its data in the cache left by the call before
+(``triton.testing.do_bench`` flushes the L2 for the same reason). The ``copy_`` source is written
+before timing: untouched pages read as zeros from the cache and would inflate ``copy_``.
+
+A candidate that raises becomes a row with its exception under ``"error"`` and no timings; the
+other rows are measured, saved as each dtype pair finishes, and ``sema-bench`` exits with 1.
+
+Host time of ``SwitchEMA.update()`` (median of single calls, the device idle before each):
+
+- ``host_ms`` on CUDA: the full-size model, not waiting for the GPU: Python, checks and issuing
+  every launch, i.e. what the training loop's thread pays per call.
+- ``host_ms`` on the CPU: the kernels run inside the call, so it is timed on a model with the
+  same number of tensors of one element each: Python, checks and each kernel's fixed cost
+  (dispatch, an OpenMP region), an upper bound on the host work.
+- ``host_python_ms`` (``--host-python``): the full-size model with the backend's kernel entry
+  points replaced by no-ops (:func:`~sema.profile.timing.without_kernels`): the work above the
+  backend alone (Python, checks, the small torch ops of the step counter and the decay), the
+  same quantity on either device; the backend's own Python (argument packing, chunk loops) is
+  below the entry points and not in it.
 
     sema-bench                                      # ResNet-50 set, fp32 and bf16 params, fp32 EMA
+    sema-bench --set all --dtypes all --json p.json --csv p.csv --plot p.png
 
 The package, one job per module: :mod:`~sema.profile.timing` (CPU and CUDA timing, the copy_
-reference), :mod:`~sema.profile.candidates` (the ops, their bytes, the dtype pairs),
+reference, host time), :mod:`~sema.profile.candidates` (the ops, their bytes, the dtype pairs),
 :mod:`sema.param_sets` (the parameter sets), :mod:`~sema.profile.machine` (cache, memory,
 provenance), :mod:`~sema.profile.report` (table, JSON, CSV, plot) and :mod:`~sema.profile.cli`
 (``sema-bench``). This module composes them into a profile.
@@ -35,7 +54,8 @@ provenance), :mod:`~sema.profile.report` (table, JSON, CSV, plot) and :mod:`~sem
 from __future__ import annotations
 
 import gc
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -49,13 +69,18 @@ from sema.profile.candidates import (
     DEFAULT_PAIRS,
     DTYPE_NAMES,
     DTYPES,
+    MULTI_TENSOR_OPS,
     OPS,
+    PROFILE_OPS,
+    SAME_BYTES_AS,
     SWITCH_EMA_OPS,
     UPDATE_WEIGHT,
     bytes_per_element,
     module_of,
+    multi_tensor_candidate,
     op_candidate,
     parse_pairs,
+    separate_tensors,
     switch_ema_candidate,
 )
 from sema.profile.machine import (
@@ -80,7 +105,17 @@ from sema.profile.report import (
     write_json,
     write_plot,
 )
-from sema.profile.timing import DEFAULT_REPEATS, Candidate, Timing, copy_candidates, host_seconds, measure
+from sema.profile.timing import (
+    DEFAULT_REPEATS,
+    Candidate,
+    EventClock,
+    Timing,
+    WallClock,
+    copy_candidates,
+    host_seconds,
+    measure,
+    without_kernels,
+)
 
 __all__ = [
     "ALL_PAIRS",
@@ -91,14 +126,19 @@ __all__ = [
     "DTYPE_NAMES",
     "MAX_ROTATIONS",
     "MEMORY_FRACTION",
+    "MULTI_TENSOR_OPS",
     "OPS",
     "OP_LABELS",
+    "PROFILE_OPS",
+    "SAME_BYTES_AS",
     "SWITCH_EMA_OPS",
     "UPDATE_WEIGHT",
     "Candidate",
     "DoesNotFitError",
+    "EventClock",
     "Progress",
     "Timing",
+    "WallClock",
     "available_memory",
     "available_profile_backends",
     "bytes_per_element",
@@ -118,6 +158,7 @@ __all__ = [
     "provenance",
     "pyplot",
     "rotations_for",
+    "without_kernels",
     "write_csv",
     "write_json",
     "write_plot",
@@ -130,14 +171,25 @@ def profile_shapes(
     pairs: Iterable[tuple[str, str]] = DEFAULT_PAIRS,
     device: str | torch.device | None = None,
     backends: Sequence[str] | None = None,
-    op_names: Sequence[str] = OPS,
+    op_names: Sequence[str] = PROFILE_OPS,
     repeats: int | None = None,
     warmup: int = 2,
     switch_ema: bool = True,
     progress: bool | Progress = False,
+    host_python: bool = False,
+    on_rows: Callable[[dict[str, Any]], object] | None = None,
 ) -> dict[str, Any]:
     """Profile the ops on flat buffers as big as ``shapes`` (and ``SwitchEMA.update()`` on a
     module of those shapes). Returns ``{"provenance", "param_sets", "skipped", "settings", "rows"}``.
+
+    ``op_names`` are from :data:`PROFILE_OPS`: the ops of the contract and ``update_multi``,
+    ``sema.ops.ema_update_multi_`` over the shapes as separate tensors. ``host_python`` adds
+    the column ``host_python_ms`` to the SwitchEMA rows: ``update()`` with the backend's kernels
+    replaced by no-ops (see :func:`~sema.profile.timing.without_kernels`).
+
+    A candidate that raises becomes a row with an ``"error"`` entry (the exception) and no
+    timings, and the others carry on. ``on_rows(result)``, when given, is called with the result
+    so far each time a dtype pair's rows are done, so that a caller can save them as they come.
 
     Raises :class:`DoesNotFitError` before allocating anything when a pair needs more memory
     than ``device`` has available.
@@ -155,16 +207,17 @@ def profile_shapes(
             reasons = sema.available_backends(dev)
             why = "; ".join(f"{b}: {reasons[b][1] if b in reasons else 'unknown backend'}" for b in missing)
             raise ValueError(f"backend(s) {missing} cannot run on {dev.type} here ({why}); available: {names}")
-        names = list(backends)
-    bad_ops = [op for op in op_names if op not in OPS]
+        names = list(dict.fromkeys(backends))
+    bad_ops = [op for op in op_names if op not in PROFILE_OPS]
     if bad_ops:
-        raise ValueError(f"unknown op(s) {bad_ops}; choose from {list(OPS)}")
+        raise ValueError(f"unknown op(s) {bad_ops}; choose from {list(PROFILE_OPS)}")
+    op_names = sorted(set(op_names), key=PROFILE_OPS.index)
     repeats = repeats or DEFAULT_REPEATS.get(dev.type, 15)
     plans = []
     for pair in pairs:
         set_bytes = n * (DTYPES[pair[0]].itemsize + DTYPES[pair[1]].itemsize)
         k = rotations_for(set_bytes, dev)
-        need = memory_needed(n, pair, k, len(names), switch_ema)
+        need = memory_needed(n, pair, k, len(names), switch_ema, multi_tensor="update_multi" in op_names)
         have = available_memory(dev)
         if need > MEMORY_FRACTION * have:
             raise DoesNotFitError(
@@ -176,127 +229,213 @@ def profile_shapes(
             )
         plans.append((pair, k))
 
-    own_progress = isinstance(progress, bool)
-    bar = Progress(len(plans) * (warmup + repeats), enabled=progress) if own_progress else progress
-    rows: list[dict[str, Any]] = []
-    try:
-        for pair, k in plans:
-            bar.describe(f"{name} {pair[0]}:{pair[1]}")
-            rows += _profile_pair(shapes, name, pair, dev, names, op_names, repeats, warmup, k, switch_ema, bar)
-            gc.collect()
-            if dev.type == "cuda":
-                torch.cuda.empty_cache()
-    finally:
-        if own_progress:
-            bar.close()
-    return {
+    result = {
         "provenance": provenance(dev),
         "param_sets": {name: {"tensors": len(shapes), "elements": n}},
         "skipped": {},
-        "settings": {
-            "repeats": repeats,
-            "warmup_rounds": warmup,
-            "update_weight": UPDATE_WEIGHT,
-            "backends": names,
-            "auto_backend": ops.resolve_backend("auto", dev),
-            "cache_bytes": cache_bytes(dev),
-            "timing": ("CUDA events around each call" if dev.type == "cuda" else "time.perf_counter around each call")
-            + "; candidates timed round-robin; buffers rotated so their copies span twice the last-level cache",
-            "host_ms": (
-                "wall time of SwitchEMA.update() without waiting for the GPU (the launches)"
-                if dev.type == "cuda"
-                else "wall time of SwitchEMA.update() on a model with the same tensors of one element each "
-                "(the CPU runs the ops synchronously, so this leaves the host work)"
-            ),
-            "swap": "swap_(restore=False) timed; the restore (same bytes) runs untimed after each call; "
-            "not defined for fp16 params with an fp32 EMA",
-        },
-        "rows": rows,
+        "settings": _settings(dev, repeats, warmup, names, host_python),
+        "rows": [],
     }
+    own_progress = isinstance(progress, bool)
+    bar = Progress(len(plans) * (warmup + repeats), enabled=progress) if own_progress else progress
+    try:
+        for pair, k in plans:
+            bar.describe(f"{name} {pair[0]}:{pair[1]}")
+            plan = _PairPlan(shapes, name, pair, dev, names, op_names, k, switch_ema)
+            try:
+                rows = _profile_pair(plan, repeats, warmup, bar, host_python)
+            except Exception as exc:  # e.g. out of memory: the pair's rows say so, the next pair runs
+                rows = [plan.row(backend, op, error=_error_text(exc)) for backend, op in plan.row_keys()]
+                bar.update(warmup + repeats)
+            result["rows"] += rows
+            gc.collect()
+            if dev.type == "cuda":
+                torch.cuda.empty_cache()
+            if on_rows is not None:
+                on_rows(result)
+    finally:
+        if own_progress:
+            bar.close()
+    return result
 
 
-def _profile_pair(
-    shapes: list[Shape],
-    name: str,
-    pair: tuple[str, str],
-    dev: torch.device,
-    backends: list[str],
-    op_names: Sequence[str],
-    repeats: int,
-    warmup: int,
-    k: int,
-    switch_ema: bool,
-    bar: Progress,
-) -> list[dict[str, Any]]:
-    param_dtype, ema_dtype = DTYPES[pair[0]], DTYPES[pair[1]]
+def _settings(dev: torch.device, repeats: int, warmup: int, names: list[str], host_python: bool) -> dict[str, Any]:
+    settings = {
+        "repeats": repeats,
+        "warmup_rounds": warmup,
+        "update_weight": UPDATE_WEIGHT,
+        "backends": names,
+        "auto_backend": ops.resolve_backend("auto", dev),
+        "cache_bytes": cache_bytes(dev),
+        "timing": (
+            "CUDA events around each call, a spin kernel queued ahead of each round so that no call waits for the host"
+            if dev.type == "cuda"
+            else "time.perf_counter around each call"
+        )
+        + "; candidates timed round-robin; buffers rotated so their copies span twice the last-level cache",
+        "host_ms": (
+            "wall time of SwitchEMA.update() without waiting for the GPU (the launches)"
+            if dev.type == "cuda"
+            else "wall time of SwitchEMA.update() on a model with the same tensors of one element each "
+            "(the CPU runs the ops synchronously, so this leaves the host work)"
+        ),
+        "swap": "swap_(restore=False) timed; the restore (same bytes) runs untimed after each call; "
+        "not defined for fp16 params with an fp32 EMA",
+        "update_multi": "sema.ops.ema_update_multi_ over the set's shapes as separate tensors (the FSDP2 path), "
+        "with the bytes of update",
+    }
+    if host_python:
+        settings["host_python_ms"] = (
+            "wall time of SwitchEMA.update() on the full-size model with the backend's kernel entry points "
+            "(ema_update_, ema_update_multi_, switch_, swap_) replaced by no-ops: the Python and the small torch "
+            "ops above the backend"
+        )
+    return settings
+
+
+def _error_text(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}"
+
+
+@dataclass
+class _PairPlan:
+    """What one (set, dtype pair) profile times, and how its rows look."""
+
+    shapes: list[Shape]
+    name: str
+    pair: tuple[str, str]
+    dev: torch.device
+    backends: list[str]
+    op_names: Sequence[str]
+    rotations: int
+    switch_ema: bool
+
+    @property
+    def dtypes(self) -> tuple[torch.dtype, torch.dtype]:
+        return DTYPES[self.pair[0]], DTYPES[self.pair[1]]
+
+    def row_keys(self) -> list[tuple[str, str]]:
+        """(backend, op) of every row, in the order of the table."""
+        param_dtype, ema_dtype = self.dtypes
+        keys = []
+        for op in self.op_names:
+            if op == "swap" and param_dtype != ema_dtype and param_dtype == torch.float16:
+                continue  # no in-place swap of fp16 params with an fp32 EMA (SwitchEMA uses a scratch copy)
+            keys += [(backend, op) for backend in self.backends]
+        if self.switch_ema:
+            keys += [(backend, row_op) for backend in self.backends for row_op in SWITCH_EMA_OPS]
+        return keys
+
+    def nbytes(self, op: str) -> int:
+        return bytes_per_element(op, *self.dtypes) * numel(self.shapes)
+
+    def row(
+        self,
+        backend: str,
+        op: str,
+        timing: Timing | None = None,
+        copy_timing: Timing | None = None,
+        host_s: float | None = None,
+        error: str | None = None,
+    ) -> dict[str, Any]:
+        n, nbytes = numel(self.shapes), self.nbytes(op)
+        row: dict[str, Any] = {
+            "param_set": self.name,
+            "tensors": len(self.shapes),
+            "elements": n,
+            "param_dtype": self.pair[0],
+            "ema_dtype": self.pair[1],
+            "backend": backend,
+            "op": op,
+            "bytes_per_element": nbytes // n,
+            "bytes": nbytes,
+        }
+        if timing is None or copy_timing is None:
+            row.update(dict.fromkeys(("median_ms", "q1_ms", "q3_ms", "min_ms", "repeats", "GB/s"), None))
+            row.update({"copy_ms": None, "copy_GB/s": None, "pct_of_copy": None})
+        else:
+            row.update(timing.row_fields(nbytes))
+            row["copy_ms"] = copy_timing.median_s * 1e3
+            row["copy_GB/s"] = nbytes / copy_timing.median_s / 1e9
+            row["pct_of_copy"] = 100.0 * copy_timing.median_s / timing.median_s
+        row["host_ms"] = None if host_s is None else host_s * 1e3
+        row["rotations"] = self.rotations
+        if error is not None:
+            row["error"] = error
+        return row
+
+
+def _profile_pair(plan: _PairPlan, repeats: int, warmup: int, bar: Progress, host_python: bool) -> list[dict[str, Any]]:
+    shapes, dev, k = plan.shapes, plan.dev, plan.rotations
+    param_dtype, ema_dtype = plan.dtypes
     n = numel(shapes)
+    keys = plan.row_keys()
+    errors: dict[str, str] = {}
     buffers = [(torch.randn(n, device=dev).to(ema_dtype), torch.randn(n, device=dev).to(param_dtype)) for _ in range(k)]
-    row_ops = [*op_names, *(SWITCH_EMA_OPS if switch_ema else ())]
-    copy_ops = sorted({SWITCH_EMA_OPS.get(op, op) for op in row_ops}, key=OPS.index)
-    byte_counts = {op: bytes_per_element(op, param_dtype, ema_dtype) * n for op in {*row_ops, *copy_ops}}
+    copy_ops = sorted({SAME_BYTES_AS.get(op, op) for _, op in keys}, key=OPS.index)
     half = n * (param_dtype.itemsize + ema_dtype.itemsize)  # the largest op moves 2E + 2P: copy half of it
-    copies = copy_candidates({op: byte_counts[op] for op in copy_ops}, half, dev, k)
-    candidates: dict[tuple[str, str], Candidate] = {("copy_", op): c for op, c in copies.items()}
-    for op in op_names:
-        if op == "swap" and param_dtype != ema_dtype and param_dtype == torch.float16:
-            continue  # no in-place swap of fp16 params with an fp32 EMA (SwitchEMA uses a scratch copy)
-        for backend in backends:
-            candidates[(backend, op)] = op_candidate(op, buffers, backend)
+    copies = copy_candidates({op: plan.nbytes(op) for op in copy_ops}, half, dev, k)
+    candidates: dict[str, Candidate] = {f"copy_|{op}": c for op, c in copies.items()}
 
+    separate = []
+    if "update_multi" in plan.op_names:
+        separate = [separate_tensors(shapes, plan.dtypes, dev) for _ in range(k)]
     averagers: dict[str, list[sema.SwitchEMA]] = {}
-    if switch_ema:
-        ema_arg = torch.float32 if ema_dtype == torch.float32 else None
-        for backend in backends:
-            averagers[backend] = [
-                sema.SwitchEMA(
-                    module_of(shapes, param_dtype, dev), switch_every=None, ema_dtype=ema_arg, backend=backend
-                )
-                for _ in range(k)
-            ]
-            for row_op in SWITCH_EMA_OPS:
-                candidates[(backend, row_op)] = switch_ema_candidate(averagers[backend], row_op)
+    ema_arg = torch.float32 if ema_dtype == torch.float32 else None
+    for backend, op in keys:
+        try:
+            if op == "update_multi":
+                candidates[f"{backend}|{op}"] = multi_tensor_candidate(separate, backend)
+            elif op in SWITCH_EMA_OPS:
+                if backend not in averagers:
+                    averagers[backend] = [
+                        sema.SwitchEMA(
+                            module_of(shapes, param_dtype, dev), switch_every=None, ema_dtype=ema_arg, backend=backend
+                        )
+                        for _ in range(k)
+                    ]
+                candidates[f"{backend}|{op}"] = switch_ema_candidate(averagers[backend], op)
+            else:
+                candidates[f"{backend}|{op}"] = op_candidate(op, buffers, backend)
+        except Exception as exc:
+            errors[f"{backend}|{op}"] = _error_text(exc)
 
-    timings = measure({f"{b}|{o}": c for (b, o), c in candidates.items()}, dev, repeats, warmup, bar)
+    timings = measure(candidates, dev, repeats, warmup, bar, errors=errors)
 
-    host: dict[tuple[str, str], float] = {}
-    if switch_ema:
-        host_repeats = max(repeats, 20)
-        for backend in backends:
-            for row_op in SWITCH_EMA_OPS:
-                switch = row_op.endswith("+switch")
-                if dev.type == "cuda":
-                    target = averagers[backend][0]
-                else:
-                    proxy = module_of([(1,)] * len(shapes), param_dtype, dev)
-                    target = sema.SwitchEMA(proxy, switch_every=None, ema_dtype=ema_arg, backend=backend)
-                host[(backend, row_op)] = host_seconds(lambda t=target, s=switch: t.update(switch=s), dev, host_repeats)
+    host: dict[str, float] = {}
+    host_python_s: dict[str, float] = {}
+    host_repeats = max(repeats, 20)
+    for backend, op in keys:
+        key = f"{backend}|{op}"
+        if op not in SWITCH_EMA_OPS or key in errors:
+            continue
+        switch = op.endswith("+switch")
+        try:
+            if dev.type == "cuda":
+                target = averagers[backend][0]
+            else:
+                proxy = module_of([(1,)] * len(shapes), param_dtype, dev)
+                target = sema.SwitchEMA(proxy, switch_every=None, ema_dtype=ema_arg, backend=backend)
+            host[key] = host_seconds(lambda t=target, s=switch: t.update(switch=s), dev, host_repeats)
+            if host_python:
+                full = averagers[backend][0]
+                with without_kernels(backend):
+                    host_python_s[key] = host_seconds(lambda t=full, s=switch: t.update(switch=s), dev, host_repeats)
+        except Exception as exc:
+            errors[key] = f"host time: {_error_text(exc)}"
 
     rows = []
-    for backend, op in candidates:
-        if backend == "copy_":
-            continue
-        copy_op = SWITCH_EMA_OPS.get(op, op)
-        t, copy_t = timings[f"{backend}|{op}"], timings[f"copy_|{copy_op}"]
-        nbytes = byte_counts[op]
-        rows.append(
-            {
-                "param_set": name,
-                "tensors": len(shapes),
-                "elements": n,
-                "param_dtype": pair[0],
-                "ema_dtype": pair[1],
-                "backend": backend,
-                "op": op,
-                "bytes_per_element": nbytes // n,
-                "bytes": nbytes,
-                **t.row_fields(nbytes),
-                "copy_ms": copy_t.median_s * 1e3,
-                "copy_GB/s": nbytes / copy_t.median_s / 1e9,
-                "pct_of_copy": 100.0 * copy_t.median_s / t.median_s,
-                "host_ms": host[(backend, op)] * 1e3 if (backend, op) in host else None,
-                "rotations": k,
-            }
-        )
+    for backend, op in keys:
+        key, copy_key = f"{backend}|{op}", f"copy_|{SAME_BYTES_AS.get(op, op)}"
+        if key in errors:
+            rows.append(plan.row(backend, op, error=errors[key]))
+        elif copy_key in errors:
+            rows.append(plan.row(backend, op, error=f"the copy_ reference failed: {errors[copy_key]}"))
+        else:
+            row = plan.row(backend, op, timings[key], timings[copy_key], host.get(key))
+            if host_python and op in SWITCH_EMA_OPS:
+                row["host_python_ms"] = host_python_s[key] * 1e3
+            rows.append(row)
     return rows
 
 
@@ -334,10 +473,13 @@ def profile_sets(
     set_names: Sequence[str],
     pairs: Iterable[tuple[str, str]] = DEFAULT_PAIRS,
     device: str | torch.device | None = None,
+    on_rows: Callable[[dict[str, Any]], object] | None = None,
     **options: Any,
 ) -> dict[str, Any]:
     """Profile several built-in parameter sets; a set that does not fit in memory is skipped and
-    listed under ``"skipped"`` with the reason (nothing is allocated for it)."""
+    listed under ``"skipped"`` with the reason (nothing is allocated for it). ``on_rows(result)``
+    is called with the result so far whenever a dtype pair's rows are done; other options as in
+    :func:`profile_shapes`."""
     unknown = [s for s in set_names if s not in PARAM_SETS]
     if unknown:
         raise ValueError(f"unknown parameter set(s) {unknown}; choose from {sorted(PARAM_SETS)}")
@@ -350,17 +492,30 @@ def profile_sets(
         bar = Progress(len(set_names) * len(pairs) * rounds, enabled=progress)
     else:
         bar = progress
+
+    def merge(part: dict[str, Any], done: list[dict[str, Any]]) -> None:
+        result["param_sets"].update(part["param_sets"])
+        result["settings"] = part["settings"]
+        result["rows"] = done + part["rows"]
+
     try:
         for set_name in set_names:
+            done = result["rows"]
+
+            def report(part: dict[str, Any], done: list[dict[str, Any]] = done) -> None:
+                merge(part, done)
+                if on_rows is not None:
+                    on_rows(result)
+
             try:
-                part = profile_shapes(PARAM_SETS[set_name](), set_name, pairs, dev, progress=bar, **options)
+                part = profile_shapes(
+                    PARAM_SETS[set_name](), set_name, pairs, dev, progress=bar, on_rows=report, **options
+                )
             except DoesNotFitError as exc:
                 result["skipped"][set_name] = str(exc)
                 bar.update(len(pairs) * rounds if isinstance(progress, bool) else 0)
                 continue
-            result["param_sets"].update(part["param_sets"])
-            result["settings"] = part["settings"]
-            result["rows"] += part["rows"]
+            merge(part, done)
     finally:
         if bar is not progress:
             bar.close()

@@ -63,13 +63,21 @@ def rotations_for(set_bytes: int, device: torch.device) -> int:
     return max(1, min(MAX_ROTATIONS, math.ceil(2 * cache_bytes(device) / max(set_bytes, 1))))
 
 
-def memory_needed(n_elements: int, pair: tuple[str, str], rotations: int, n_backends: int, switch_ema: bool) -> int:
+def memory_needed(
+    n_elements: int,
+    pair: tuple[str, str],
+    rotations: int,
+    n_backends: int,
+    switch_ema: bool,
+    multi_tensor: bool = False,
+) -> int:
     """Peak bytes of one (set, pair) profile: per rotation the op buffers (E + P per element),
-    the copy_ source and destination (E + P each) and one SwitchEMA model + EMA per backend;
-    plus the fp32 temporary that random initialisation makes and some slack."""
+    the copy_ source and destination (E + P each), the separate tensors of the multi-tensor
+    update (E + P) and one SwitchEMA model + EMA per backend; plus the fp32 temporary that
+    random initialisation makes and some slack."""
     e = DTYPES[pair[1]].itemsize
     p = DTYPES[pair[0]].itemsize
-    per_rotation = (e + p) * (3 + (n_backends if switch_ema else 0))
+    per_rotation = (e + p) * (3 + int(multi_tensor) + (n_backends if switch_ema else 0))
     return n_elements * (per_rotation * rotations + 4) + (64 << 20)
 
 

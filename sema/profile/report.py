@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -44,42 +46,60 @@ class Progress:
 
 
 def format_table(result: dict[str, Any]) -> str:
-    """The rows as a fixed-width text table."""
+    """The rows as a fixed-width text table; a row that failed shows its error instead of times.
+    The column ``host py ms`` appears when the rows have ``host_python_ms`` (``--host-python``)."""
+    python_column = any("host_python_ms" in r for r in result["rows"])
     head = (
         f"{'set':11} {'param':5} {'ema':5} {'backend':8} {'op':24} {'ms':>9} {'q1-q3 ms':>15} "
-        f"{'GB/s':>7} {'% copy_':>7} {'host ms':>8}"
+        f"{'GB/s':>7} {'% copy_':>7} {'host ms':>8}" + (f" {'host py ms':>10}" if python_column else "")
     )
     lines = [head, "-" * len(head)]
     for r in result["rows"]:
+        first = f"{r['param_set'][:11]:11} {r['param_dtype']:5} {r['ema_dtype']:5} {r['backend']:8} {r['op']:24} "
+        if r.get("error") is not None:
+            lines.append(first + "ERROR " + " ".join(r["error"].split())[:200])
+            continue
         spread = f"{r['q1_ms']:.3f}-{r['q3_ms']:.3f}"
         host = "" if r["host_ms"] is None else f"{r['host_ms']:.3f}"
-        lines.append(
-            f"{r['param_set'][:11]:11} {r['param_dtype']:5} {r['ema_dtype']:5} {r['backend']:8} {r['op']:24} "
-            f"{r['median_ms']:9.3f} {spread:>15} {r['GB/s']:7.2f} {r['pct_of_copy']:6.0f}% {host:>8}"
-        )
+        line = first + f"{r['median_ms']:9.3f} {spread:>15} {r['GB/s']:7.2f} {r['pct_of_copy']:6.0f}% {host:>8}"
+        if python_column:
+            python = "" if r.get("host_python_ms") is None else f"{r['host_python_ms']:.4f}"
+            line += f" {python:>10}"
+        lines.append(line)
     for set_name, reason in result.get("skipped", {}).items():
         lines.append(f"skipped {set_name}: {reason}")
     return "\n".join(lines)
+
+
+def _replace(path: Path, write: Callable[[Any], object], newline: str | None = None) -> None:
+    """Write through a temporary file and rename it over ``path``, so that a run stopped while
+    writing leaves the previous complete file, never half of one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(f".{path.name}.partial")
+    with partial.open("w", newline=newline) as f:
+        write(f)
+    os.replace(partial, path)
 
 
 CSV_PROVENANCE = ("device", "threads", "torch", "triton", "sema", "date", "git_commit", "note")
 
 
 def write_json(result: dict[str, Any], path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(result, indent=2) + "\n")
+    _replace(path, lambda f: f.write(json.dumps(result, indent=2) + "\n"))
 
 
 def write_csv(result: dict[str, Any], path: Path) -> None:
     """One line per row, each with the provenance columns (so any CSV reader keeps them)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
     prov = result["provenance"]
-    fields = list(result["rows"][0]) if result["rows"] else []
-    with path.open("w", newline="") as f:
+    fields = list(dict.fromkeys(key for row in result["rows"] for key in row))
+
+    def write(f: Any) -> None:
         writer = csv.DictWriter(f, fieldnames=fields + list(CSV_PROVENANCE))
         writer.writeheader()
         for row in result["rows"]:
             writer.writerow({**row, **{key: prov.get(key) for key in CSV_PROVENANCE}})
+
+    _replace(path, write, newline="")
 
 
 def pyplot() -> Any:
@@ -99,6 +119,7 @@ def pyplot() -> Any:
 
 OP_LABELS = {
     "update": "update",
+    "update_multi": "update\nmulti",
     "update_switch": "update\n+switch",
     "switch": "switch",
     "swap": "swap",
@@ -111,9 +132,9 @@ def write_plot(result: dict[str, Any], path: Path) -> None:
     """GB/s of each backend per op: one panel per (parameter set, dtype pair), the same-run
     ``copy_`` of the same bytes as a dashed line over each op."""
     plt = pyplot()
-    rows = result["rows"]
+    rows = [r for r in result["rows"] if r.get("error") is None]
     if not rows:
-        raise ValueError("nothing to plot: the result has no rows")
+        raise ValueError("nothing to plot: the result has no measured rows")
     sets = list(dict.fromkeys(r["param_set"] for r in rows))
     pairs = list(dict.fromkeys((r["param_dtype"], r["ema_dtype"]) for r in rows))
     backends = list(dict.fromkeys(r["backend"] for r in rows))

@@ -3,13 +3,16 @@ of a call, and the same-run ``copy_`` that every op is measured against."""
 
 from __future__ import annotations
 
+import contextlib
 import statistics
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
+
+from sema import backends
 
 if TYPE_CHECKING:
     from sema.profile.report import Progress
@@ -82,54 +85,141 @@ def _synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+class WallClock:
+    """CPU timing: ``perf_counter`` around each call (the ops run synchronously there)."""
+
+    def hold(self, seconds: float) -> None:
+        """Nothing to queue: the CPU runs each call as it is made."""
+
+    def start(self) -> float:
+        return time.perf_counter()
+
+    def stop(self, started: float) -> float:
+        return time.perf_counter() - started
+
+    def seconds(self, marks: list[float]) -> list[float]:
+        return marks
+
+
+class EventClock:
+    """CUDA timing: a pair of events around each call. Events time the stream, so the stream
+    must never wait for the host inside a timed region: on an idle GPU the start event fires
+    when it is recorded and the kernel only later, when its launch arrives, and that host
+    latency would be counted. :meth:`hold` queues a spin kernel ahead of each round that lasts
+    longer than the host takes to issue the round, so every call of it is queued before the GPU
+    reaches it."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self._cycles_per_second: float | None = None
+
+    def _calibrate(self) -> float:
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        cycles = 1 << 22
+        torch.cuda._sleep(cycles)  # wakes the clocks first
+        start.record()
+        torch.cuda._sleep(cycles)
+        end.record()
+        end.synchronize()
+        return cycles / (start.elapsed_time(end) / 1e3)
+
+    def hold(self, seconds: float) -> None:
+        if self._cycles_per_second is None:
+            self._cycles_per_second = self._calibrate()
+        torch.cuda._sleep(max(1, int(seconds * self._cycles_per_second)))
+
+    def start(self) -> tuple[torch.cuda.Event, torch.cuda.Event]:
+        events = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        events[0].record()
+        return events
+
+    def stop(self, started: tuple[torch.cuda.Event, torch.cuda.Event]) -> tuple[torch.cuda.Event, torch.cuda.Event]:
+        started[1].record()
+        return started
+
+    def seconds(self, marks: list[tuple[torch.cuda.Event, torch.cuda.Event]]) -> list[float]:
+        torch.cuda.synchronize(self.device)
+        return [start.elapsed_time(end) / 1e3 for start, end in marks]
+
+
+# The first round's hold, before any round has been issued to measure; later rounds hold for
+# HOLD_MARGIN times the host time of the round before, at most MAX_HOLD_SECONDS.
+FIRST_HOLD_SECONDS = 0.02
+HOLD_MARGIN = 1.5
+MAX_HOLD_SECONDS = 0.25
+
+
 def measure(
     candidates: dict[str, Candidate],
     device: torch.device,
     repeats: int,
     warmup: int = 2,
     progress: Progress | None = None,
+    errors: dict[str, str] | None = None,
+    clock: WallClock | EventClock | None = None,
 ) -> dict[str, Timing]:
     """Time every candidate ``repeats`` times, round-robin (one call of each per round), after
-    ``warmup`` untimed rounds. CUDA: events around each call; CPU: ``perf_counter``."""
+    ``warmup`` untimed rounds. CUDA: events around each call, with the GPU kept busy ahead of
+    each round (:class:`EventClock`); CPU: ``perf_counter``.
+
+    With ``errors`` given, a candidate that raises is recorded there (``"Type: message"``) and
+    left out of the later rounds and of the result, and the others carry on; without it the
+    exception propagates.
+    """
     if repeats < 1:
         raise ValueError(f"repeats must be >= 1, got {repeats}")
+    if clock is None:
+        clock = EventClock(device) if device.type == "cuda" else WallClock()
     if device.type == "cuda":
         with torch.cuda.device(device):  # the events belong to the tensors' device
-            return _measure(candidates, device, repeats, warmup, progress)
-    return _measure(candidates, device, repeats, warmup, progress)
+            return _measure(candidates, clock, repeats, warmup, progress, errors)
+    return _measure(candidates, clock, repeats, warmup, progress, errors)
 
 
 def _measure(
-    candidates: dict[str, Candidate], device: torch.device, repeats: int, warmup: int, progress: Progress | None
+    candidates: dict[str, Candidate],
+    clock: WallClock | EventClock,
+    repeats: int,
+    warmup: int,
+    progress: Progress | None,
+    errors: dict[str, str] | None,
 ) -> dict[str, Timing]:
     items = list(candidates.items())
     samples: dict[str, list[float]] = {name: [] for name in candidates}
+    failed: dict[str, str] = {}
     calls = 0
+    hold = FIRST_HOLD_SECONDS
     for timed_round in [False] * warmup + [True] * repeats:
-        events = []
+        names, marks = [], []
+        issued_from = time.perf_counter()
+        clock.hold(hold)
         for name, candidate in items:
-            if device.type == "cuda":
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                start.record()
+            if name in failed:
+                continue
+            try:
+                started = clock.start()
                 candidate.call(calls)
-                end.record()
-                events.append((name, start, end))
+                mark = clock.stop(started)
+                if candidate.after is not None:
+                    candidate.after(calls)
+            except Exception as exc:
+                if errors is None:
+                    raise
+                failed[name] = f"{type(exc).__name__}: {exc}"
             else:
-                t0 = time.perf_counter()
-                candidate.call(calls)
-                seconds = time.perf_counter() - t0
-                if timed_round:
-                    samples[name].append(seconds)
-            if candidate.after is not None:
-                candidate.after(calls)
+                names.append(name)
+                marks.append(mark)
             calls += 1
-        _synchronize(device)
+        hold = min(MAX_HOLD_SECONDS, HOLD_MARGIN * (time.perf_counter() - issued_from))
+        seconds = clock.seconds(marks)
         if timed_round:
-            for name, start, end in events:
-                samples[name].append(start.elapsed_time(end) / 1e3)
+            for name, elapsed in zip(names, seconds, strict=True):
+                samples[name].append(elapsed)
         if progress is not None:
             progress.update()
-    return {name: Timing.of(times) for name, times in samples.items()}
+    if errors is not None:
+        errors.update(failed)
+    return {name: Timing.of(times) for name, times in samples.items() if name not in failed}
 
 
 def host_seconds(fn: Callable[[], object], device: torch.device, repeats: int, warmup: int = 3) -> float:
@@ -145,3 +235,38 @@ def host_seconds(fn: Callable[[], object], device: torch.device, repeats: int, w
         times.append(time.perf_counter() - t0)
         _synchronize(device)
     return statistics.median(times)
+
+
+# The entry points every backend module implements (sema/backends.py); all kernel work is below them.
+KERNEL_ENTRY_POINTS = ("ema_update_", "ema_update_multi_", "switch_", "swap_")
+
+
+@contextlib.contextmanager
+def without_kernels(backend: str) -> Iterator[None]:
+    """Inside the block, ``backend``'s kernel entry points do nothing, so that timing
+    ``SwitchEMA.update()`` leaves the host work above the backend: the Python, the checks and
+    the small torch ops of the step counter and decay. On the CPU, where the kernels run
+    synchronously inside the call, this is the only way to see that work apart from the memory
+    traffic. Raises RuntimeError on exit when no entry point was called inside (the calls went
+    around the backend module, so the time would still include the kernels)."""
+    module = backends.module(backend)
+    calls = 0
+
+    def skip(*args: object, **kwargs: object) -> None:
+        nonlocal calls
+        calls += 1
+
+    saved = {name: getattr(module, name) for name in KERNEL_ENTRY_POINTS}
+    try:
+        for name in KERNEL_ENTRY_POINTS:
+            setattr(module, name, skip)
+        yield
+    finally:
+        for name, fn in saved.items():
+            setattr(module, name, fn)
+    if calls == 0:
+        raise RuntimeError(
+            f"without_kernels({backend!r}): no kernel entry point of the backend was called, so the kernels were "
+            "not replaced and the time would include them; SwitchEMA must reach the kernels through "
+            "sema.backends.module(name)"
+        )
