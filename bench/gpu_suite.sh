@@ -27,6 +27,7 @@
 # the kill path), SUITE_CUDA_ARCHS (default 90), SUITE_XDIST (pytest-xdist workers, default 4 on
 # cuda when installed), SUITE_COMMIT (the commit, for env.txt: the GPU machine's copy has no .git).
 set -uo pipefail
+case "${OUT:-}" in "" | /*) ;; *) OUT="$PWD/$OUT" ;; esac # relative to where it was called from
 cd "$(dirname "$0")/.." || exit 2
 
 STAGES=(env build backends t-cuda t-triton t-graphs big profile profile-torch ncu memcheck peers)
