@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import ClassVar
 
 import pytest
 import torch
@@ -49,6 +50,48 @@ def test_each_round_is_held_ahead_for_longer_than_the_host_took_to_issue_the_las
     assert holds[0] == timing.FIRST_HOLD_SECONDS
     for seconds in holds[1:]:  # the round before took >= 20 ms to issue
         assert timing.HOLD_MARGIN * 0.02 <= seconds <= timing.MAX_HOLD_SECONDS
+
+
+class FakeEvent:
+    """Stands for torch.cuda.Event: logs each record; every pair is 2 ms apart."""
+
+    log: ClassVar[list[tuple[str, int]]] = []
+
+    def __init__(self, enable_timing: bool = False) -> None:
+        assert enable_timing
+
+    def record(self) -> None:
+        FakeEvent.log.append(("record", id(self)))
+
+    def synchronize(self) -> None:
+        pass
+
+    def elapsed_time(self, end: FakeEvent) -> float:
+        return 2.0
+
+
+def test_the_event_clock_queues_the_spin_kernel_before_each_round_on_cpu(monkeypatch):
+    """The CUDA clock's order of calls, with torch.cuda's event, spin and sync stood in for."""
+    FakeEvent.log = []
+    monkeypatch.setattr(torch.cuda, "Event", FakeEvent)
+    monkeypatch.setattr(torch.cuda, "_sleep", lambda cycles: FakeEvent.log.append(("sleep", cycles)))
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: FakeEvent.log.append(("sync", 0)))
+    calls = []
+    candidates = {
+        "a": profile.Candidate(lambda i: calls.append(("a", len(FakeEvent.log)))),
+        "b": profile.Candidate(lambda i: calls.append(("b", len(FakeEvent.log)))),
+    }
+    clock = timing.EventClock(torch.device("cuda"))
+    timings = profile.measure(candidates, torch.device("cpu"), repeats=2, warmup=1, clock=clock)
+    cycles_per_second = (1 << 22) / 2e-3  # the calibration: 2**22 cycles between events 2 ms apart
+    kinds = [kind for kind, _ in FakeEvent.log]
+    assert kinds[:4] == ["sleep", "record", "sleep", "record"]  # calibration: wake the clocks, then time
+    assert kinds[4:] == ["sleep", "record", "record", "record", "record", "sync"] * 3
+    holds = [cycles for kind, cycles in FakeEvent.log[4:] if kind == "sleep"]
+    assert holds[0] == int(timing.FIRST_HOLD_SECONDS * cycles_per_second)
+    assert all(0 < cycles <= timing.MAX_HOLD_SECONDS * cycles_per_second for cycles in holds)
+    assert [name for name, _ in calls] == ["a", "b"] * 3
+    assert {name: (t.n, t.median_s) for name, t in timings.items()} == {"a": (2, 2e-3), "b": (2, 2e-3)}
 
 
 @pytest.mark.cuda
