@@ -643,6 +643,16 @@ int sema_emulated_update(uintptr_t ema, uintptr_t param, int64_t n, int ema_dtyp
   });
 }
 
+// The grid of a flat launch of n elements, `vector` (4 or 8) elements per 16 bytes.
+int sema_emulated_flat_grid(int64_t n, int vector, int64_t* blocks, int64_t* piece) {
+  if (n <= 0 || (vector != 4 && vector != 8)) return 1;
+  const sema::cuda::FlatGrid grid = vector == 4 ? sema::cuda::flat_grid<4>(n, sema::cuda::emulated_capacity)
+                                                : sema::cuda::flat_grid<8>(n, sema::cuda::emulated_capacity);
+  *blocks = grid.blocks;
+  *piece = grid.piece;
+  return 0;
+}
+
 // The piece table of one dtype pair into `table` (room for `table_size` int64); its length in *written.
 int sema_emulated_plan_multi(const uintptr_t* emas, const uintptr_t* params, const int64_t* numels, int64_t count,
                              int ema_dtype, int param_dtype, int64_t* table, int64_t table_size, int64_t* written,

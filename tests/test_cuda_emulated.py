@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import hashlib
+import os
 import shutil
 import subprocess
 from collections.abc import Iterator
@@ -47,7 +48,7 @@ from sema import reference
 from sema._extension import DTYPE_CODES
 
 ROOT = Path(__file__).resolve().parents[1]
-SOURCE = ROOT / "csrc" / "ema_cuda.cu"
+SOURCE = Path(os.environ.get("SEMA_CUDA_SOURCE") or ROOT / "csrc" / "ema_cuda.cu")  # another file: mutants
 # Elements per tile (kThreads x kUnroll vectors): 2048 for fp32 updates, 4096 for fp32/16-bit
 # pairs and 16-bit updates, 8192 for 16-bit switches; a block's piece is at least 1024 (fp32).
 TILE = 4096
@@ -82,7 +83,14 @@ class EmulatedKernels:
             ctypes.POINTER(ptr), ctypes.POINTER(ptr), ctypes.POINTER(i64), i64, i32, i32,
             ctypes.POINTER(i64), i64, ctypes.POINTER(i64), err, i64,
         ]  # fmt: skip
+        self.lib.sema_emulated_flat_grid.argtypes = [i64, i32, ctypes.POINTER(i64), ctypes.POINTER(i64)]
         self.set_max_blocks(H200_BLOCKS)
+
+    def flat_grid(self, n: int, vector: int) -> tuple[int, int]:
+        """(blocks, elements per block) of a flat launch over n elements."""
+        blocks, piece = ctypes.c_int64(), ctypes.c_int64()
+        assert self.lib.sema_emulated_flat_grid(n, vector, ctypes.byref(blocks), ctypes.byref(piece)) == 0
+        return blocks.value, piece.value
 
     def set_max_blocks(self, blocks: int) -> None:
         """How many blocks the launches treat as resident at once (SMs x blocks per SM)."""
@@ -237,6 +245,32 @@ def test_pieces_for_any_number_of_blocks(kernels, pair, blocks, generator):
         reference.ema_update_(expected_ema, expected_param, 0.3, True)
         assert_same(ema, expected_ema, f"ema, n={n}")
         assert_same(param, expected_param, f"param, n={n}")
+
+
+@pytest.mark.parametrize("blocks", [1, 7, 132 * 5, H200_BLOCKS])
+@pytest.mark.parametrize("vector", [4, 8])
+def test_flat_grid_is_one_wave_of_equal_pieces(kernels, vector, blocks, generator):
+    """No more blocks than are resident (no second, partly filled wave), nor than 256-vector
+    shares; pieces of whole vectors, equal but for the last, covering the buffer."""
+    sizes = [
+        1,
+        255,
+        256 * vector,
+        256 * vector + 1,
+        10**6 + 7,
+        2**31 + 17,
+        *torch.randint(1, 2**28, (20,), generator=generator).tolist(),
+    ]
+    with kernels.max_blocks(blocks):
+        for n in sizes:
+            count, piece = kernels.flat_grid(n, vector)
+            where = f"n={n}: {count} blocks of {piece}"
+            assert 1 <= count <= blocks, where
+            assert piece % vector == 0 and (count - 1) * piece < n <= count * piece, where
+            assert count <= -(-n // (256 * vector)), f"{where}: fewer than 256 vectors per block"
+            # as equal as whole vectors allow: less than a vector above an even share of the blocks
+            share = n / min(-(-n // (256 * vector)), blocks)
+            assert piece < share + vector, f"{where}: an even share is {share:.1f}"
 
 
 @pytest.mark.parametrize("blocks", BLOCKS)

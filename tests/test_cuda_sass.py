@@ -17,11 +17,11 @@ per kernel family (update, update + switch, switch, swap, multi-tensor update):
 - bytes in flight: occupancy x the run above x 16 bytes >= 80 KB per SM (2.4x the need).
 
 Each assertion fails on the kernels before this layout (``git show f2d5097:csrc/ema_cuda.cu >
-/tmp/old_ema_cuda.cu; SEMA_SASS_SOURCE=/tmp/old_ema_cuda.cu pytest tests/test_cuda_sass.py``):
+/tmp/old_ema_cuda.cu; SEMA_CUDA_SOURCE=/tmp/old_ema_cuda.cu pytest tests/test_cuda_sass.py``):
 all 15 family tests fail there (runs of 1-4 loads; 46-64 registers, so every family has kernels
 at 4 blocks per SM; 16-64 KB in flight), only the 3 tests of the readers pass. The multi-tensor
 family there is the flat update kernel, which took a table of up to 64 tensors as its argument.
-``SEMA_SASS_SOURCE`` points this file at any other source.
+``SEMA_CUDA_SOURCE`` points this file at any other source.
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-SOURCE = Path(os.environ.get("SEMA_SASS_SOURCE") or ROOT / "csrc" / "ema_cuda.cu")
+SOURCE = Path(os.environ.get("SEMA_CUDA_SOURCE") or ROOT / "csrc" / "ema_cuda.cu")
 ARCH = "sm_90"
 NVCC_FLAGS = ["-std=c++17", "-O3", "-cubin", f"-arch={ARCH}"]  # setup.py's, for one cubin
 
