@@ -67,6 +67,32 @@ class DecaySchedule:
         self.min_decay = float(min_decay)
         self.update_every = update_every
         self._constant: dict[torch.device, Tensor] = {}
+        self.settled_after = self._settled_after()
+
+    def _settled_after(self) -> int:
+        """The first update index from which the weight no longer changes: past it,
+        ``weight(step, settled=True)`` returns one cached tensor (no launch) instead of evaluating
+        the schedule on the device (about ten tiny launches)."""
+        K = self.update_every
+        if self.warmup is None:
+            return 0
+        if self.warmup != "power":
+            return -(-self.warmup_steps // K)
+        if self.decay == 0.0:
+            return 0
+        # 1 - (1 + t / inv_gamma) ** -power >= decay from t* on; the margin keeps the device's
+        # float64 rounding on the capped side, which the host check below confirms.
+        try:
+            t = self.inv_gamma * ((1.0 - self.decay) * (1.0 - 1e-9)) ** (-1.0 / self.power) - self.inv_gamma
+        except OverflowError:
+            t = math.inf
+        if not t < 2.0**52:
+            return 2**62  # never reached: the device formula decides every step
+        n = math.ceil(max(t, 0.0) / K) + 1
+        at = torch.tensor(n, dtype=torch.int64)
+        if float(self._formula(at)) != float(self._formula(at + 10**6)):
+            return 2**62
+        return n
 
     def config(self) -> dict[str, object]:
         return {
@@ -98,15 +124,24 @@ class DecaySchedule:
         d = self.decay_at(update_index * self.update_every)
         return float(torch.tensor(1.0 - d**self.update_every, dtype=torch.float64).to(torch.float32))
 
-    def weight(self, step: Tensor) -> Tensor:
+    def weight(self, step: Tensor, settled: bool = False) -> Tensor:
         """0-d float32 weight on ``step``'s device for update number ``step`` (an int64 0-d
-        tensor). Pure device arithmetic: capturable, traceable, no host read."""
-        if self.warmup is None:
+        tensor). Pure device arithmetic: capturable, traceable, no host read.
+
+        ``settled=True`` promises that ``step >= settled_after`` (the caller knows a lower bound
+        of the device step): the weight is then a cached tensor, the same bits the formula gives."""
+        if self.warmup is None or settled:
             w = self._constant.get(step.device)
             if w is None:
-                w = torch.tensor(1.0 - self.decay**self.update_every, dtype=torch.float32, device=step.device)
+                if self.warmup is None:
+                    w = torch.tensor(1.0 - self.decay**self.update_every, dtype=torch.float32, device=step.device)
+                else:
+                    w = self._formula(torch.full_like(step, self.settled_after))
                 self._constant[step.device] = w
             return w
+        return self._formula(step)
+
+    def _formula(self, step: Tensor) -> Tensor:
         t = step.to(torch.float64) * self.update_every
         d = self.decay
         if self.warmup == "power":

@@ -27,6 +27,27 @@ try:
 except ImportError:  # a torch built without distributed
     DTensor = None
 
+_storage_use_count = getattr(torch._C, "_storage_Use_Count", None)
+
+# Bumped by a global hook whenever any module registers a parameter (setattr of a Parameter,
+# register_parameter, load_state_dict(assign=True)): the only ways a module slot gets a new
+# Parameter object short of writing module._parameters by hand.
+_registrations = 0
+_registration_hook = None
+
+
+def _count_registration(module: nn.Module, name: str, param: object) -> None:
+    global _registrations
+    _registrations += 1
+
+
+def registrations() -> int:
+    """How many parameter registrations the global hook has seen (installed on first call)."""
+    global _registration_hook
+    if _registration_hook is None:
+        _registration_hook = nn.modules.module.register_module_parameter_registration_hook(_count_registration)
+    return _registrations
+
 
 def is_dtensor(t: Tensor) -> bool:
     return DTensor is not None and isinstance(t, DTensor)
@@ -124,6 +145,9 @@ class EMAStorage:
                 self.buckets.append(build_bucket(device, dtype, members, target))
             else:
                 self.tensor_groups.append(_build_group(device, dtype, members, target))
+        self._bucket_storages = [b.param_flat.untyped_storage() for b in self.buckets]
+        self._use_counts: tuple[int, ...] | None = None
+        self.remember_placement()
 
     def named_emas(self) -> Iterator[tuple[str, nn.Parameter, Tensor]]:
         """(param name, param, its EMA shaped like the param's local tensor), in model order per group."""
@@ -137,6 +161,26 @@ class EMAStorage:
         """Names of the params that no longer live where they were put."""
         moved = [n for b in self.buckets for n in b.moved()]
         return moved + [n for g in self.tensor_groups for n in g.moved()]
+
+    def _bucket_use_counts(self) -> tuple[int, ...] | None:
+        if _storage_use_count is None:
+            return None
+        return tuple(_storage_use_count(s._cdata) for s in self._bucket_storages)
+
+    def remember_placement(self) -> None:
+        """Take the current state as checked: :meth:`maybe_moved` compares against it."""
+        self._use_counts = self._bucket_use_counts()
+
+    def maybe_moved(self) -> bool:
+        """O(buckets), not O(params): False only when no bucket's storage lost a reference since
+        :meth:`remember_placement`. Every param holds one reference to its bucket's storage, so
+        re-pointing any param (``.to()``, ``.half()``, ``param.data = ...``) changes the count;
+        other references taken at the same moment (a ``state_dict()`` kept alive, a ``detach()``)
+        can mask that, which is why callers still run the full check now and then. Tensor groups
+        have no shared storage and always report True."""
+        if self.tensor_groups or self._use_counts is None:
+            return True
+        return self._bucket_use_counts() != self._use_counts
 
     def _dense_pairs(self) -> Iterator[tuple[Tensor, Tensor, str]]:
         """(ema, param, backend) as flat 1-D tensors: one pair per bucket, one per grouped param."""

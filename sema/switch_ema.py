@@ -8,6 +8,8 @@ never reset by a switch, and the optimizer state is never touched.
 from __future__ import annotations
 
 import contextlib
+import functools
+import inspect
 import warnings
 from collections.abc import Callable, Iterator
 
@@ -18,11 +20,31 @@ from sema import ops
 from sema.buckets import BucketMovedError, FlatBucket, plan_buckets
 from sema.policy import SwitchPolicy
 from sema.schedules import DecaySchedule
-from sema.storage import EMAStorage, ModelSlots, TensorGroup, as_param_layout, is_dtensor, local_tensor
+from sema.storage import (
+    EMAStorage,
+    ModelSlots,
+    TensorGroup,
+    as_param_layout,
+    is_dtensor,
+    local_tensor,
+    registrations,
+)
 from sema.tracked_buffers import BUFFER_POLICIES, TrackedBuffers
 
 STATE_FORMAT = "sema.SwitchEMA"
 STATE_VERSION = 1
+
+# update() checks every param's placement on one call in this many, and on every call where a
+# bucket's storage lost a reference or a module registered a parameter (see
+# EMAStorage.maybe_moved): O(buckets) per call instead of O(params).
+FULL_PLACEMENT_CHECK_EVERY = 64
+
+
+def _run_eagerly(reason: str) -> Callable[[Callable[..., None]], Callable[..., None]]:
+    """``torch.compiler.disable`` with a reason where this torch takes one."""
+    if "reason" in inspect.signature(torch.compiler.disable).parameters:
+        return functools.partial(torch.compiler.disable, reason=reason)
+    return torch.compiler.disable  # pragma: no cover - older torch
 
 
 class SwitchEMA:
@@ -127,9 +149,16 @@ class SwitchEMA:
         self.storage = EMAStorage(named, ema_dtype, self.flatten, resolved)
         self._steps = {device: torch.zeros((), dtype=torch.int64, device=device) for device in resolved}
         for step in self._steps.values():
-            self.schedule.weight(step)  # creates a constant weight now, not inside a traced update
+            self.schedule.weight(step, settled=True)  # cached now, not inside a traced update
         self._slots = ModelSlots(model, named)
         self.tracked_buffers = TrackedBuffers(model, buffers, ema_dtype)
+        self._on_cuda = any(device.type == "cuda" for device in resolved)
+        # A lower bound of the device step, counted by eager updates only (graph replays and
+        # compiled calls add to the device step without the host seeing them): once it passes
+        # schedule.settled_after, the weight is a cached tensor.
+        self._updates_seen = 0
+        self._hot_checks = 0
+        self._registrations_seen = registrations()
 
     # --- properties --------------------------------------------------------------------------
 
@@ -196,33 +225,53 @@ class SwitchEMA:
         ``switch_every`` says so) the switch ``param <- ema`` is fused into the same pass.
         The decay comes from a device step counter: no host sync (unless ``skip_nonfinite``).
         """
-        host_count = self.policy.counts_on_host
-        if not torch.compiler.is_compiling():
-            self._check_placement("update")
-        elif host_count:
+        if self.policy.counts_on_host:
+            self._update_counted(switch)
+            return
+        traced = torch.compiler.is_compiling() or self._capturing()
+        if not traced:
+            self._check_placement("update", hot=True)
+        self._update_now(switch, traced)
+
+    @_run_eagerly(
+        "SwitchEMA.update counts calls on the host with update_every > 1, an int switch_every or "
+        "skip_nonfinite=True, which a compiled graph would not replay: compile with update_every=1, "
+        "switch_every='epoch' or None and skip_nonfinite=False, or leave update() eager"
+    )
+    def _update_counted(self, switch: bool) -> None:
+        """update() for the policies that count calls on the host: always eager (under
+        torch.compile a graph break runs it eagerly, and fullgraph=True raises), never captured."""
+        if self._capturing():
             raise RuntimeError(
-                "SwitchEMA.update under torch.compile supports update_every=1, switch_every='epoch' or None "
-                "and skip_nonfinite=False: the other policies count calls on the host. Compile with those, "
-                "or leave update() eager"
+                "SwitchEMA.update inside CUDA-graph capture with update_every > 1, an int switch_every or "
+                "skip_nonfinite=True: these decide on the host, so a graph would replay the decision made at "
+                "capture (an empty graph, or a switch on every replay). Capture with update_every=1, "
+                "switch_every='epoch' or None and skip_nonfinite=False, or call update() outside the graph"
             )
-        if host_count:  # otherwise every call is an update and the device step is the count
-            averages, switch = self.policy.count_call(switch)
-            if not averages:
-                if switch:
-                    self.switch()
-                return
-            if self.policy.skip_nonfinite and not self.storage.all_finite():
+        self._check_placement("update", hot=True)
+        averages, switch = self.policy.count_call(switch)
+        if not averages or (self.policy.skip_nonfinite and not self.storage.all_finite()):
+            if averages:
                 self.policy.num_skipped += 1
-                if switch:
-                    self.switch()
-                return
-        weights = {device: self.schedule.weight(step) for device, step in self._steps.items()}
+            if switch:
+                self.switch()
+            return
+        self._update_now(switch, traced=False)
+
+    def _update_now(self, switch: bool, traced: bool) -> None:
+        settled = not traced and self._updates_seen >= self.schedule.settled_after
+        weights = {device: self.schedule.weight(step, settled) for device, step in self._steps.items()}
         self.storage.update_(weights, switch)
         self.tracked_buffers.update_(weights)
         for step in self._steps.values():
             step.add_(1)
+        if not traced:
+            self._updates_seen += 1
         if switch:
             self._after_switch()
+
+    def _capturing(self) -> bool:
+        return self._on_cuda and torch.cuda.is_current_stream_capturing()
 
     # --- switching ---------------------------------------------------------------------------
 
@@ -273,12 +322,21 @@ class SwitchEMA:
 
     # --- placement checks --------------------------------------------------------------------
 
-    def _check_placement(self, where: str) -> None:
+    def _check_placement(self, where: str, hot: bool = False) -> None:
         if self._swapped_active:
             raise RuntimeError(
                 f"SwitchEMA.{where}() called inside swapped(): the model holds the EMA there; "
                 "call it after the with-block"
             )
+        if hot:
+            self._hot_checks += 1
+            if (
+                self._hot_checks % FULL_PLACEMENT_CHECK_EVERY
+                and registrations() == self._registrations_seen
+                and not self.storage.maybe_moved()
+            ):
+                return
+        registered = registrations()
         moved = self.storage.moved() + self._slots.replaced()
         if moved:
             shown = ", ".join(moved[:8]) + (f" and {len(moved) - 8} more" if len(moved) > 8 else "")
@@ -288,6 +346,8 @@ class SwitchEMA:
                 "param.data = ...). Move or convert the model before building SwitchEMA, and load weights "
                 "with load_state_dict(assign=False)."
             )
+        self.storage.remember_placement()
+        self._registrations_seen = registered
 
     # --- state -------------------------------------------------------------------------------
 
@@ -368,6 +428,7 @@ class SwitchEMA:
                 e.copy_(state["buffers"][name])
             for step in self._steps.values():
                 step.fill_(int(state["step"]))
+        self._updates_seen = int(state["step"])
         self.policy.calls = int(state["calls"])
         self.policy.epochs = int(state["epochs"])
         self.policy.num_switches = int(state.get("num_switches", 0))
@@ -411,6 +472,7 @@ class SwitchEMA:
         with torch.no_grad():
             for step in self._steps.values():
                 step.zero_()
+        self._updates_seen = 0
         self.policy.calls = 0
 
 
