@@ -29,10 +29,10 @@ from conftest import (
 )
 
 import sema
-from sema import _ext_cuda, _extension, reference
+from sema import _ext_cuda, _extension, ops, reference
 
 CUDA_AVAILABLE, CUDA_REASON = sema.available_backends("cuda")["cuda"]
-SIZES = [0, 1, 15, 17, 4097, 2**20 + 3]
+SIZES = [0, 1, 15, 17, 4097, 8193, 2**20 + 3, 2**24 + 5]  # tiles of 2048-8192 elements
 WEIGHTS = [0.0, 1e-4, 0.5, 1.0]
 STEPS = 50
 BIG_STEPS = 5
@@ -178,6 +178,137 @@ def test_past_2_31_elements():
     torch.cuda.empty_cache()
 
 
+# --- multi-tensor piece tables: cached, validated once, stream safe ------------------------
+
+
+def multi_pairs(count: int, generator: torch.Generator) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """fp32 EMAs of bf16 params, sizes 1 to 70,000 (some cut into several pieces)."""
+    sizes = torch.randint(1, 70_000, (count,), generator=generator).tolist()
+    return [on_gpu(n, torch.float32, generator) for n in sizes], [on_gpu(n, torch.bfloat16, generator) for n in sizes]
+
+
+class CountingExtension:
+    """sema._C with a count of piece-table plans."""
+
+    def __init__(self, extension):
+        self.extension, self.plans = extension, 0
+
+    def __getattr__(self, name):
+        return getattr(self.extension, name)
+
+    def cuda_plan_update_multi(self, *args):
+        self.plans += 1
+        return self.extension.cuda_plan_update_multi(*args)
+
+
+@needs_cuda
+def test_piece_table_cached_and_the_trusted_path_does_not_revalidate(monkeypatch, generator):
+    """The dispatch path plans once per set of tensors and never re-runs the tensor checks;
+    new addresses (a tensor replaced) get a new table; results match the reference each call."""
+    counting = CountingExtension(_ext_cuda._C)
+    monkeypatch.setattr(_ext_cuda, "_C", counting)
+
+    def no_checks(*args, **kwargs):
+        raise AssertionError("the trusted multi-tensor path re-validated its tensors")
+
+    monkeypatch.setattr(_ext_cuda, "flat_pairs", no_checks)
+    monkeypatch.setattr(_ext_cuda, "check_pair", no_checks)
+    emas, params = multi_pairs(40, generator)
+    expected = [(e.clone(), p.clone()) for e, p in zip(emas, params, strict=True)]
+    w = torch.tensor(0.01, device="cuda")
+    for step in range(3):
+        if step == 2:  # a tensor moves: new addresses, a new table
+            emas[5] = emas[5].clone()
+        ops.dispatch_update_multi(emas, params, w, True, "cuda")
+        for i, (e, p) in enumerate(expected):
+            reference.ema_update_(e, p, w, True)
+            assert_same(emas[i], e, f"step {step}, pair {i} ema")
+            assert_same(params[i], p, f"step {step}, pair {i} param")
+        assert counting.plans == (1 if step < 2 else 2), f"step {step}: {counting.plans} plans"
+
+
+@needs_cuda
+def test_piece_table_first_upload_is_waited_for_on_another_stream(generator):
+    """A table copied on a stream that is still busy, then used on another stream: the kernel
+    there must wait for the copy, or it reads uninitialised memory as pointers."""
+    emas, params = multi_pairs(30, generator)
+    expected = [(e.clone(), p.clone()) for e, p in zip(emas, params, strict=True)]
+    upload, other = torch.cuda.Stream(), torch.cuda.Stream()
+    torch.cuda.synchronize()
+    with torch.cuda.stream(upload):
+        torch.cuda._sleep(200_000_000)  # ~0.1 s: the copy queued behind it is still pending below
+        _ext_cuda._tables_for(emas, params, emas[0].device)
+    with torch.cuda.stream(other):
+        _ext_cuda.ema_update_multi_(emas, params, 0.25, True)
+    torch.cuda.synchronize()
+    for i, (e, p) in enumerate(expected):
+        reference.ema_update_(e, p, 0.25, True)
+        assert_same(emas[i], e, f"pair {i} ema")
+        assert_same(params[i], p, f"pair {i} param")
+
+
+@needs_cuda
+def test_piece_table_eviction_waits_for_kernels_on_other_streams(generator):
+    """A table read by a kernel still queued on another stream is evicted; its memory must not
+    be handed out (and overwritten) before that kernel has run."""
+    emas, params = multi_pairs(30, generator)
+    _ext_cuda.ema_update_multi_(emas, params, 0.0, False)  # builds the table on the current stream
+    torch.cuda.synchronize()
+    expected = [(e.clone(), p.clone()) for e, p in zip(emas, params, strict=True)]
+    key = next(reversed(_ext_cuda._piece_tables))
+    table = _ext_cuda._piece_tables[key].storage
+    address, shape = table.data_ptr(), table.shape
+    del table
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        torch.cuda._sleep(200_000_000)
+        _ext_cuda.ema_update_multi_(emas, params, 0.5, True)  # queued behind the sleep
+    _ext_cuda._piece_tables.pop(key)  # evicted while the side stream's kernel waits
+    garbage = torch.full(shape, -1, dtype=torch.int64, device="cuda")  # the current stream reuses freed blocks
+    assert garbage.data_ptr() != address, "the evicted table's memory was reused while a kernel would still read it"
+    torch.cuda.synchronize()
+    for i, (e, p) in enumerate(expected):
+        reference.ema_update_(e, p, 0.5, True)
+        assert_same(emas[i], e, f"pair {i} ema")
+        assert_same(params[i], p, f"pair {i} param")
+
+
+@needs_cuda
+def test_piece_table_of_a_captured_graph_is_never_evicted(generator):
+    emas, params = multi_pairs(20, generator)
+    w = torch.tensor(0.1, device="cuda")
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):  # builds the table outside the capture
+        _ext_cuda.ema_update_multi_(emas, params, w, False)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        _ext_cuda.ema_update_multi_(emas, params, w, False)
+    for _ in range(_ext_cuda.PIECE_TABLE_CACHE_SIZE + 4):  # other tensor sets push every cached table out
+        others = multi_pairs(3, generator)
+        _ext_cuda.ema_update_multi_(*others, w, False)
+    expected = [(e.clone(), p.clone()) for e, p in zip(emas, params, strict=True)]
+    for value in (0.3, 1e-3):
+        w.fill_(value)
+        graph.replay()
+        torch.cuda.synchronize()
+        for i, (e, p) in enumerate(expected):
+            reference.ema_update_(e, p, value, False)
+            assert_same(emas[i], e, f"replay with w={value}, pair {i}")
+
+
+@needs_cuda
+def test_piece_table_first_built_inside_a_capture_raises(generator):
+    emas, params = multi_pairs(3, generator)
+    stream = torch.cuda.Stream()
+    graph = torch.cuda.CUDAGraph()
+    with pytest.raises(RuntimeError, match="before CUDA-graph capture"):
+        with torch.cuda.graph(graph, stream=stream):
+            _ext_cuda.ema_update_multi_(emas, params, 0.1, False)
+
+
 # --- casts and swaps ----------------------------------------------------------------------
 
 
@@ -247,6 +378,8 @@ def test_bad_input_raises_before_cuda(monkeypatch):
             _ext_cuda.swap_(ema, param)
         with pytest.raises(ValueError, match="serves cuda tensors"):
             _ext_cuda.ema_update_multi_([ema], [param], 0.1)
+        with pytest.raises(ValueError, match="serves cuda tensors"):
+            _ext_cuda.check_update_multi([ema], [param], 0.1)
     if torch.cuda.is_available():
         ema, param = torch.zeros(16, device="cuda"), torch.zeros(16, device="cuda")
         with pytest.raises(ValueError, match="w as a tensor"):
@@ -259,6 +392,10 @@ def test_bad_input_raises_before_cuda(monkeypatch):
             _ext_cuda.ema_update_(ema, ema, 0.1)
         with pytest.raises(ValueError, match="w shares memory"):
             _ext_cuda.ema_update_(ema, param, ema[3])  # a 0-d view into the buffer being written
+        with pytest.raises(ValueError, match="share memory"):
+            _ext_cuda.check_update_multi([ema, ema[:8]], [param, param[8:].clone()], 0.1)
+        with pytest.raises(ValueError, match="w shares memory"):
+            _ext_cuda.check_update_multi([ema], [param], param[0])
 
 
 def test_availability_says_why():
