@@ -47,11 +47,15 @@ class DecaySchedule:
         if warmup in ("linear", "exp", "constant"):
             if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, int) or warmup_steps <= 0:
                 raise ValueError(f"warmup={warmup!r} needs warmup_steps, a positive int (got {warmup_steps!r})")
-            if not (isinstance(warmup_ratio, (int, float)) and 0.0 < warmup_ratio <= 1.0):
+            if isinstance(warmup_ratio, bool) or not (
+                isinstance(warmup_ratio, (int, float)) and 0.0 < warmup_ratio <= 1.0
+            ):
                 raise ValueError(f"warmup_ratio must be in (0, 1], got {warmup_ratio!r}")
         if warmup == "power":
             for name, value in (("inv_gamma", inv_gamma), ("power", power)):
-                if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+                if isinstance(value, bool) or not (
+                    isinstance(value, (int, float)) and math.isfinite(value) and value > 0
+                ):
                     raise ValueError(f"warmup='power' needs {name} > 0, got {value!r}")
             _check_unit_interval("min_decay", min_decay, "e.g. min_decay=0.0", upper_open=False)
             if min_decay > decay:

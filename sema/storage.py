@@ -182,6 +182,20 @@ class EMAStorage:
             return True
         return self._bucket_use_counts() != self._use_counts
 
+    def version_counters(self) -> list[tuple[str, Tensor, bool]]:
+        """(name, a tensor whose ``_version`` counts in-place writes to that param, whether a write
+        there while the EMA is swapped in lands in the EMA on the swap back): the latter is true
+        where the swap exchanges the slots (equal dtypes, bf16 params with an fp32 EMA) and false
+        where it goes through a scratch copy (fp16 params with an fp32 EMA)."""
+        out = []
+        for bucket in self.buckets:
+            exchanged = bucket.ema_flat.dtype == bucket.dtype or bucket.dtype == torch.bfloat16
+            out += [(n, p, exchanged) for n, p in zip(bucket.names, bucket.params, strict=True)]
+        for group in self.tensor_groups:
+            exchanged = group.emas[0].dtype == group.dtype or group.dtype == torch.bfloat16
+            out += [(n, v, exchanged) for n, v in zip(group.names, group.views, strict=True)]
+        return out
+
     def _dense_pairs(self) -> Iterator[tuple[Tensor, Tensor, str]]:
         """(ema, param, backend) as flat 1-D tensors: one pair per bucket, one per grouped param."""
         for bucket in self.buckets:

@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterator
 
 import torch
 from torch import Tensor, nn
+from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from sema import ops
 from sema.buckets import BucketMovedError, FlatBucket, plan_buckets
@@ -33,6 +34,9 @@ from sema.tracked_buffers import BUFFER_POLICIES, TrackedBuffers
 
 STATE_FORMAT = "sema.SwitchEMA"
 STATE_VERSION = 1
+
+# The counters of a state dict, and whether a state must hold them (older states may lack the others).
+COUNTERS = {"step": True, "calls": True, "epochs": True, "num_switches": False, "num_skipped": False}
 
 # update() checks every param's placement on one call in this many, and on every call where a
 # bucket's storage lost a reference or a module registered a parameter (see
@@ -127,6 +131,28 @@ class SwitchEMA:
         bad = [n for n, p in named if p.is_sparse or p.layout != torch.strided]
         if bad:
             raise TypeError(f"SwitchEMA: sparse params are not supported: {', '.join(bad)}")
+        bad = [n for n, p in named if p.device.type == "meta"]
+        if bad:
+            raise ValueError(
+                f"SwitchEMA: params on the meta device have no values to average: {', '.join(bad)}. Materialize the "
+                "model first (model.to_empty(device=...) and initialise it, or load its weights), then build SwitchEMA"
+            )
+        bad = [n for n, p in named if _overlaps_itself(local_tensor(p))]
+        if bad:
+            raise ValueError(
+                f"SwitchEMA: params whose elements share memory (e.g. made with expand()) cannot be averaged "
+                f"element by element: {', '.join(bad)}. Make them real tensors: "
+                "module.name = nn.Parameter(param.detach().clone())"
+            )
+        for name, value in (("flatten", flatten), ("skip_nonfinite", skip_nonfinite)):
+            if not isinstance(value, bool):
+                raise TypeError(f"SwitchEMA: {name} must be True or False, got {value!r} ({type(value).__name__})")
+        if ema_dtype is not None and not isinstance(ema_dtype, torch.dtype):
+            raise TypeError(
+                f"SwitchEMA: ema_dtype must be a torch.dtype or None, got {ema_dtype!r}; e.g. ema_dtype=torch.float32"
+            )
+        if not isinstance(backend, str):
+            raise TypeError(f"SwitchEMA: backend must be a str such as 'auto', got {backend!r}")
         if ema_dtype is not None and ema_dtype != torch.float32:
             odd = sorted({str(p.dtype) for _, p in named if p.dtype != ema_dtype})
             if odd:
@@ -146,12 +172,14 @@ class SwitchEMA:
         self.flatten = bool(flatten)
         self.requested_backend = backend
         self._swapped_active = False
+        # Everything that can fail without moving a param comes first: building the storage is
+        # the one step that re-points params, and it undoes itself if it fails.
+        self.tracked_buffers = TrackedBuffers(model, buffers, ema_dtype)
+        self._slots = ModelSlots(model, named)
         self.storage = EMAStorage(named, ema_dtype, self.flatten, resolved)
         self._steps = {device: torch.zeros((), dtype=torch.int64, device=device) for device in resolved}
         for step in self._steps.values():
             self.schedule.weight(step, settled=True)  # cached now, not inside a traced update
-        self._slots = ModelSlots(model, named)
-        self.tracked_buffers = TrackedBuffers(model, buffers, ema_dtype)
         self._on_cuda = any(device.type == "cuda" for device in resolved)
         # A lower bound of the device step, counted by eager updates only (graph replays and
         # compiled calls add to the device step without the host seeing them): once it passes
@@ -159,6 +187,19 @@ class SwitchEMA:
         self._updates_seen = 0
         self._hot_checks = 0
         self._registrations_seen = registrations()
+
+    def __deepcopy__(self, memo: dict) -> SwitchEMA:
+        raise TypeError(
+            "SwitchEMA cannot be deep-copied: a copied model's params get storages of their own, outside any "
+            "bucket. Copy the model, build a SwitchEMA on the copy and load the state: "
+            "new = SwitchEMA(copy.deepcopy(model), ...); new.load_state_dict(ema.state_dict())"
+        )
+
+    def __reduce_ex__(self, protocol: object) -> object:
+        raise TypeError(
+            "SwitchEMA cannot be pickled: save ema.state_dict() (torch.save) and load it into a SwitchEMA built on "
+            "the model with ema.load_state_dict()"
+        )
 
     # --- properties --------------------------------------------------------------------------
 
@@ -225,6 +266,8 @@ class SwitchEMA:
         ``switch_every`` says so) the switch ``param <- ema`` is fused into the same pass.
         The decay comes from a device step counter: no host sync (unless ``skip_nonfinite``).
         """
+        if type(switch) is not bool:
+            raise TypeError(f"SwitchEMA.update: switch must be True or False, got {switch!r}")
         if self.policy.counts_on_host:
             self._update_counted(switch)
             return
@@ -305,20 +348,44 @@ class SwitchEMA:
         params (the lossless packing of DESIGN.md: the model sees the EMA rounded half away
         from zero). fp32 EMA with fp16 params goes through a scratch copy of the params:
         2 bytes per element, freed on exit. Tracked buffers are saved by copy (small).
+
+        Writes to the params inside the block are refused or reported: an ``optimizer.step()``
+        over these params raises before it writes anything, and any other in-place write (seen by
+        the params' version counters) makes the exit raise :class:`SwappedWriteError`, which says
+        what each tensor then holds and how to recover.
         """
         if self._swapped_active:
             raise RuntimeError("SwitchEMA.swapped() is already active; it cannot be nested")
         self._check_placement("swapped")
+        counters = self.storage.version_counters()
         undo: list[Callable[[], None]] = []
+        versions: list[int] | None = None
+        guard = register_optimizer_step_pre_hook(self._refuse_step_inside_swapped)
         try:
             self.storage.swap_in(undo)
             self.tracked_buffers.swap_in(undo)
+            versions = [t._version for _, t, _ in counters]
             self._swapped_active = True
             yield self.model
         finally:
             self._swapped_active = False
+            guard.remove()
+            written = [] if versions is None else _written(counters, versions)
             for action in reversed(undo):
                 action()
+            if written:
+                raise SwappedWriteError(_describe_swapped_writes(written))
+
+    def _refuse_step_inside_swapped(self, optimizer: torch.optim.Optimizer, args: object, kwargs: object) -> None:
+        if not self._swapped_active:
+            return
+        ours = {id(p) for _, p, _ in self.storage.named_emas()}
+        if any(id(p) in ours for group in optimizer.param_groups for p in group["params"]):
+            raise RuntimeError(
+                "optimizer.step() inside SwitchEMA.swapped(): the model holds the EMA weights there, so the step "
+                "would train the EMA and the live weights would lose it. Nothing was written. Step after the "
+                "with-block (swapped() is for evaluation); to train from the EMA weights, call ema.switch()"
+            )
 
     # --- placement checks --------------------------------------------------------------------
 
@@ -409,6 +476,19 @@ class SwitchEMA:
                 problems.append(f"param {name}: placements {value.placements} in the state, {p.placements} here")
         buffers = self.tracked_buffers.named()
         _compare("buffer", buffers, state.get("buffers", {}), problems)
+        counters = {}
+        for key, required in COUNTERS.items():
+            value = state.get(key, None if required else 0)
+            if isinstance(value, Tensor) and value.dim() == 0 and not value.is_floating_point():
+                value = int(value)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                problems.append(
+                    f"counter {key!r}: {'missing' if key not in state else repr(value)}; "
+                    "a state from SwitchEMA.state_dict() holds a non-negative int there"
+                )
+            counters[key] = value
+        if not isinstance(state.get("config", {}), dict):
+            problems.append("config: not a dict")
         if problems:
             raise ValueError(
                 "SwitchEMA.load_state_dict: the state does not match this model:\n  " + "\n  ".join(problems)
@@ -427,12 +507,12 @@ class SwitchEMA:
             for name, e in buffers.items():
                 e.copy_(state["buffers"][name])
             for step in self._steps.values():
-                step.fill_(int(state["step"]))
-        self._updates_seen = int(state["step"])
-        self.policy.calls = int(state["calls"])
-        self.policy.epochs = int(state["epochs"])
-        self.policy.num_switches = int(state.get("num_switches", 0))
-        self.policy.num_skipped = int(state.get("num_skipped", 0))
+                step.fill_(counters["step"])
+        self._updates_seen = counters["step"]
+        self.policy.calls = counters["calls"]
+        self.policy.epochs = counters["epochs"]
+        self.policy.num_switches = counters["num_switches"]
+        self.policy.num_skipped = counters["num_skipped"]
 
     def averaged_state_dict(self, full: bool = False) -> dict[str, Tensor]:
         """A ``model.state_dict()``-shaped dict holding the EMA weights (cast to each param's
@@ -492,3 +572,52 @@ def _compare(kind: str, ours: dict[str, Tensor], theirs: object, problems: list[
             problems.append(f"{kind} {name}: shape {tuple(b.shape)} in the state, {tuple(a.shape)} here")
         elif a.dtype != b.dtype:
             problems.append(f"{kind} {name}: dtype {b.dtype} in the state, {a.dtype} here")
+
+
+class SwappedWriteError(RuntimeError):
+    """Params were written inside ``SwitchEMA.swapped()``: the message says what each tensor
+    holds after the exit and how to recover."""
+
+
+def _written(counters: list[tuple[str, Tensor, bool]], versions: list[int]) -> list[tuple[str, bool]]:
+    return [
+        (name, ema_takes_writes)
+        for (name, t, ema_takes_writes), v in zip(counters, versions, strict=True)
+        if t._version != v
+    ]
+
+
+def _describe_swapped_writes(written: list[tuple[str, bool]]) -> str:
+    into_ema = [n for n, takes in written if takes]
+    dropped = [n for n, takes in written if not takes]
+
+    def shown(names: list[str]) -> str:
+        return ", ".join(names[:8]) + (f" and {len(names) - 8} more" if len(names) > 8 else "")
+
+    lines = [
+        f"SwitchEMA.swapped(): {len(written)} param(s) were written inside the block, where the model held the "
+        "EMA weights (an optimizer step or an in-place write; swapped() is for evaluation only).",
+        "The live params are back as they were before the block: the writes are not in the model.",
+    ]
+    if into_ema:
+        lines.append(
+            f"The EMA of {shown(into_ema)} now holds the written weights (those slots were exchanged, not copied): "
+            "it is no longer the average. Recover with ema.load_state_dict() of your last ema.state_dict(), or "
+            "restart the average from the live weights with ema.reset()."
+        )
+    if dropped:
+        lines.append(f"The EMA of {shown(dropped)} is unchanged (restored from a scratch copy); the writes are lost.")
+    lines.append("Train after the with-block; to continue training from the EMA weights, call ema.switch().")
+    return "\n".join(lines)
+
+
+def _overlaps_itself(t: Tensor) -> bool:
+    """Whether two elements of ``t`` share memory (a stride-0 or otherwise overlapping layout)."""
+    expected = 1
+    for size, stride in sorted(zip(t.shape, t.stride(), strict=True), key=lambda s: s[1]):
+        if size == 1:
+            continue
+        if stride < expected:
+            return True
+        expected = stride * size
+    return False
