@@ -160,6 +160,8 @@ def test_summary_tables(tmp_path, capsys):
         {**base, "backend": "triton", "GB/s": 3812.4, "pct_of_copy": 91.2},
         {**base, "backend": "cuda", "GB/s": 2954.9, "pct_of_copy": 70.7},
         {**base, "op": "swap", "backend": "cuda", "GB/s": 4001.0, "pct_of_copy": 95.0},
+        # sema-bench's row for a candidate that raised: no timings, an error text
+        {**base, "op": "switch", "backend": "cuda", "GB/s": None, "pct_of_copy": None, "error": "RuntimeError: x"},
     ]
     (tmp_path / "profile.json").write_text(json.dumps({"rows": rows}))
     (tmp_path / "broken.json").write_text("{")
@@ -169,4 +171,6 @@ def test_summary_tables(tmp_path, capsys):
     assert re.search(r"3812\.4 +91%.* 2954\.9 +71%", update), text
     swap = next(line for line in text.splitlines() if " swap " in line)
     assert re.search(r" - +4001\.0 +95%", swap), text
+    failed = next(line for line in text.splitlines() if " switch " in line)
+    assert re.search(r" - +ERROR$", failed), text
     assert "unreadable: broken.json" in text and "no results in (none given)" in text

@@ -41,6 +41,8 @@ def bandwidth_table(rows: list[dict[str, Any]]) -> list[str]:
             r = cells.get((set_name, pair, op, backend))
             if r is None:
                 line += f" {'-':>19}"
+            elif r.get("error") is not None:  # sema-bench's row for a candidate that raised
+                line += f" {'ERROR':>19}"
             elif r.get("pct_of_copy") is None:
                 line += f" {r['GB/s']:12.1f} {'-':>6}"
             else:
