@@ -11,6 +11,7 @@ import functools
 
 import torch
 import triton.language as tl
+from torch import Tensor
 
 TRITON_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
 
@@ -25,6 +26,27 @@ def block_size(*dtypes: torch.dtype) -> int:
     A power of two and a multiple of every vector width, so each block starts 16-byte aligned."""
     widest = max(dtype.itemsize for dtype in dtypes)
     return NUM_WARPS * 32 * BYTES_PER_THREAD // widest
+
+
+def aligned_head(ema_address: int, param_address: int, ema_size: int, param_size: int, n_elements: int) -> int:
+    """Elements before both addresses reach a 16-byte boundary together, to be run apart so that
+    the rest gets vector accesses. 0 when they start aligned, and also when they never align
+    together (offsets that differ) or the tensors end first: then nothing is split off."""
+    for head in range(16 // min(ema_size, param_size)):
+        if (ema_address + head * ema_size) % 16 == (param_address + head * param_size) % 16 == 0:
+            return head if head < n_elements else 0
+    return 0
+
+
+def aligned_parts(ema: Tensor, param: Tensor) -> list[tuple[Tensor, Tensor]]:
+    """The parts to launch over: none for empty tensors, ``(ema, param)``, or its unaligned head
+    and its aligned rest (:func:`aligned_head`)."""
+    if ema.numel() == 0:
+        return []
+    head = aligned_head(ema.data_ptr(), param.data_ptr(), ema.element_size(), param.element_size(), ema.numel())
+    if head == 0:
+        return [(ema, param)]
+    return [(ema[:head], param[:head]), (ema[head:], param[head:])]
 
 
 def device_guard(device: torch.device) -> contextlib.AbstractContextManager:

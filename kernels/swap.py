@@ -8,47 +8,67 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .launch import NUM_WARPS, block_size, device_guard
+from .launch import NUM_WARPS, aligned_parts, block_size, device_guard
+from .layout import TAIL_PARTS, first_element, join_rows, load_rows, row_offsets, split_rows, store_rows
 
 _BITS = {4: torch.int32, 2: torch.int16}
 
 
 @triton.jit
-def _swap_block(
-    ema_ptr, param_ptr, offsets, n_elements, PACK_BF16: tl.constexpr, RESTORE: tl.constexpr, MASKED: tl.constexpr
-):
-    # Integer views: a float round trip could quiet a signalling NaN or flush a subnormal.
-    mask = offsets < n_elements if MASKED else None
-    ema = tl.load(ema_ptr + offsets, mask=mask)
-    param = tl.load(param_ptr + offsets, mask=mask)
-    if PACK_BF16:
-        # ema: 32 bits [hi16 | lo16] of the fp32 EMA; param: the 16 bits of a bf16.
-        ema = ema.to(tl.uint32, bitcast=True)
-        param = param.to(tl.uint16, bitcast=True).to(tl.uint32)
-        low = ema & 0xFFFF
-        high = ema >> 16
-        carry = low >> 15  # low half >= 0x8000: round half away from zero
-        if RESTORE:  # ema holds [param | lo16], param holds hi16 + carry (mod 2**16)
-            new_param = high
-            new_ema = (((param - carry) & 0xFFFF) << 16) | low
-        else:
-            new_param = (high + carry) & 0xFFFF
-            new_ema = (param << 16) | low
-        tl.store(param_ptr + offsets, new_param.to(tl.uint16).to(tl.int16, bitcast=True), mask=mask)
-        tl.store(ema_ptr + offsets, new_ema.to(tl.int32, bitcast=True), mask=mask)
+def _pack(ema, param, RESTORE: tl.constexpr):
+    """``ema``: the 32 bits [hi16 | lo16] of an fp32 EMA; ``param``: the 16 bits of a bf16
+    (both uint32). Returns the new EMA and param bits; the param's upper 16 bits are dropped."""
+    low = ema & 0xFFFF
+    carry = low >> 15  # low half >= 0x8000: round half away from zero
+    if RESTORE:  # ema holds [param | lo16], param holds hi16 + carry (mod 2**16)
+        return ((param - carry) << 16) | low, ema >> 16
     else:
-        tl.store(ema_ptr + offsets, param, mask=mask)
-        tl.store(param_ptr + offsets, ema, mask=mask)
+        return (param << 16) | low, (ema >> 16) + carry
+
+
+@triton.jit
+def _swap_rows(
+    ema_ptr, param_ptr, n_valid, ROWS: tl.constexpr, PACK_BF16: tl.constexpr, RESTORE: tl.constexpr,
+    MASKED: tl.constexpr,
+):  # fmt: skip
+    # Integer views: a float round trip could quiet a signalling NaN or flush a subnormal.
+    ROW: tl.constexpr = 256 // ema_ptr.dtype.element_ty.primitive_bitwidth
+    first, second, whole = row_offsets(ROWS, ROW)
+    ema_first = load_rows(ema_ptr, first, n_valid, MASKED)
+    ema_second = load_rows(ema_ptr, second, n_valid, MASKED)
+    if PACK_BF16:
+        param_rows = load_rows(param_ptr, whole, n_valid, MASKED).to(tl.uint16, bitcast=True).to(tl.uint32)
+        param_first, param_second = split_rows(param_rows, ROWS, ROW)
+        ema_first, param_first = _pack(ema_first.to(tl.uint32, bitcast=True), param_first, RESTORE)
+        ema_second, param_second = _pack(ema_second.to(tl.uint32, bitcast=True), param_second, RESTORE)
+        param_rows = join_rows(param_first, param_second, ROWS, ROW).to(tl.uint16).to(tl.int16, bitcast=True)
+        store_rows(param_ptr, whole, param_rows, n_valid, MASKED)
+        store_rows(ema_ptr, first, ema_first.to(tl.int32, bitcast=True), n_valid, MASKED)
+        store_rows(ema_ptr, second, ema_second.to(tl.int32, bitcast=True), n_valid, MASKED)
+    else:
+        param_first = load_rows(param_ptr, first, n_valid, MASKED)
+        param_second = load_rows(param_ptr, second, n_valid, MASKED)
+        store_rows(ema_ptr, first, param_first, n_valid, MASKED)
+        store_rows(ema_ptr, second, param_second, n_valid, MASKED)
+        store_rows(param_ptr, first, ema_first, n_valid, MASKED)
+        store_rows(param_ptr, second, ema_second, n_valid, MASKED)
 
 
 @triton.jit
 def _swap_kernel(ema_ptr, param_ptr, n_elements, BLOCK: tl.constexpr, PACK_BF16: tl.constexpr, RESTORE: tl.constexpr):
-    block_start = tl.program_id(0).to(tl.int64) * BLOCK  # int64: buckets past 2**31 elements
-    offsets = tl.max_contiguous(tl.multiple_of(block_start + tl.arange(0, BLOCK), BLOCK), BLOCK)
-    if block_start + BLOCK <= n_elements:
-        _swap_block(ema_ptr, param_ptr, offsets, n_elements, PACK_BF16, RESTORE, MASKED=False)
+    ROWS: tl.constexpr = BLOCK * ema_ptr.dtype.element_ty.primitive_bitwidth // 256
+    block_start = first_element(BLOCK)
+    ema_ptr += block_start
+    param_ptr += block_start
+    remaining = n_elements - block_start
+    if remaining >= BLOCK:
+        _swap_rows(ema_ptr, param_ptr, BLOCK, ROWS, PACK_BF16, RESTORE, MASKED=False)
     else:
-        _swap_block(ema_ptr, param_ptr, offsets, n_elements, PACK_BF16, RESTORE, MASKED=True)
+        for part in range(TAIL_PARTS):
+            start = part * (BLOCK // TAIL_PARTS)
+            _swap_rows(
+                ema_ptr + start, param_ptr + start, remaining - start, ROWS // TAIL_PARTS, PACK_BF16, RESTORE, True
+            )
 
 
 def _launch_swap(ema: Tensor, param: Tensor, restore: bool) -> None:
@@ -58,22 +78,20 @@ def _launch_swap(ema: Tensor, param: Tensor, restore: bool) -> None:
             f"sema.kernels.swap_: no lossless in-place swap between a {ema.dtype} EMA and {param.dtype} "
             "params; only equal dtypes or an fp32 EMA with bf16 params"
         )
-    n_elements = ema.numel()
-    if n_elements == 0:
-        return
     block = block_size(ema.dtype, param.dtype)
-    grid = (triton.cdiv(n_elements, block),)
+    ema_bits, param_bits = ema.view(_BITS[ema.element_size()]), param.view(_BITS[param.element_size()])
     with device_guard(ema.device):
-        _swap_kernel[grid](
-            ema.view(_BITS[ema.element_size()]),
-            param.view(_BITS[param.element_size()]),
-            n_elements,
-            BLOCK=block,
-            PACK_BF16=pack_bf16,
-            RESTORE=restore and pack_bf16,  # an exchange is its own inverse: one compiled variant
-            num_warps=NUM_WARPS,
-            enable_fp_fusion=False,
-        )
+        for ema_part, param_part in aligned_parts(ema_bits, param_bits):
+            _swap_kernel[(triton.cdiv(ema_part.numel(), block),)](
+                ema_part,
+                param_part,
+                ema_part.numel(),
+                BLOCK=block,
+                PACK_BF16=pack_bf16,
+                RESTORE=restore and pack_bf16,  # an exchange is its own inverse: one compiled variant
+                num_warps=NUM_WARPS,
+                enable_fp_fusion=False,
+            )
 
 
 def swap_(ema: Tensor, param: Tensor, restore: bool = False) -> None:

@@ -15,7 +15,6 @@ if "TRITON_INTERPRET" not in os.environ and not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"
 
 import importlib
-import json
 import subprocess
 import sys
 import textwrap
@@ -337,6 +336,104 @@ def test_swap_refuses_fp16_with_fp32_ema():
         kernels.swap_(torch.zeros(4, device=DEVICE), torch.zeros(4, dtype=torch.float16, device=DEVICE))
 
 
+# --- unaligned views -------------------------------------------------------------------------
+
+# (ema offset, param offset) in elements into 16-byte aligned buffers, and the elements after which
+# an fp32 EMA and bf16 params at those offsets are 16-byte aligned together (None: never).
+HEADS = {(1, 1): 7, (1, 5): 3, (0, 1): None, (3, 0): None}
+VIEW_OFFSETS = list(HEADS)
+VIEW_SIZE = 2 * 4096 + 21  # full blocks after any head, and a tail
+
+
+def offset_view(buffer: torch.Tensor, offset: int, n: int) -> torch.Tensor:
+    assert buffer.data_ptr() % 16 == 0
+    return buffer[offset : offset + n]
+
+
+@pytest.mark.parametrize("offsets", VIEW_OFFSETS, ids=[f"ema+{e}-param+{p}" for e, p in VIEW_OFFSETS])
+@pytest.mark.parametrize("pair", DTYPE_PAIRS, ids=pair_id)
+def test_unaligned_views(pair, offsets, generator):
+    """Every op on views that start off 16-byte boundaries, in place, and nothing written around
+    them: the update with switch (3 steps), the switch, and swap + restore (bit-exact)."""
+    param_dtype, ema_dtype = pair
+    n = VIEW_SIZE
+    ema_buffer = random_values(n + 16, ema_dtype, generator)
+    param_buffer = random_values(n + 16, param_dtype, generator)
+    ema, param = offset_view(ema_buffer, offsets[0], n), offset_view(param_buffer, offsets[1], n)
+
+    def check_guards(what: str) -> None:
+        for buffer, offset, before in ((ema_buffer, offsets[0], ema_guard), (param_buffer, offsets[1], param_guard)):
+            outside = torch.cat([buffer[:offset], buffer[offset + n :]])
+            assert_bits_equal(outside, before, f"{what}: elements around the view")
+
+    ema_guard = torch.cat([ema_buffer[: offsets[0]], ema_buffer[offsets[0] + n :]]).clone()
+    for step in range(3):
+        param.copy_(random_values(n, param_dtype, generator))
+        param_guard = torch.cat([param_buffer[: offsets[1]], param_buffer[offsets[1] + n :]]).clone()
+        ema_before, param_before = ema.clone(), param.clone()
+        weight = as_weight(0.25, step)
+        kernels.ema_update_(ema, param, weight, True)
+        check_update(ema_before, param_before, weight, ema, param, True, f"step {step}")
+        check_guards(f"update step {step}")
+    param.copy_(random_values(n, param_dtype, generator))
+    kernels.switch_(ema, param)
+    assert_cast(param, ema, "switched param")
+    check_guards("switch")
+    if pair in SWAP_PAIRS:
+        ema_before, param_before = ema.clone(), param.clone()
+        ema_ref, param_ref = ema.clone(), param.clone()
+        kernels.swap_(ema, param)
+        reference.swap_(ema_ref, param_ref)
+        assert_bits_equal(ema, ema_ref, "ema after swap_")
+        assert_bits_equal(param, param_ref, "param after swap_")
+        kernels.swap_(ema, param, restore=True)
+        assert_bits_equal(ema, ema_before, "ema after swap + restore")
+        assert_bits_equal(param, param_before, "param after swap + restore")
+        check_guards("swap")
+
+
+class LaunchRecorder:
+    """Stands in for a kernel: records each launch's tensors and grid, then runs the real one."""
+
+    def __init__(self, kernel):
+        self.kernel, self.launches = kernel, []
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            self.launches.append((grid, [a for a in args if isinstance(a, torch.Tensor) and a.dim() == 1]))
+            return self.kernel[grid](*args, **kwargs)
+
+        return launch
+
+
+@pytest.mark.parametrize("offsets", VIEW_OFFSETS, ids=[f"ema+{e}-param+{p}" for e, p in VIEW_OFFSETS])
+def test_unaligned_views_split_off_their_head(offsets, generator, monkeypatch):
+    """Views that reach a 16-byte boundary together run as a head of a few elements (one masked
+    program) and an aligned rest, so that the rest gets vector accesses; views that never align
+    together run in one launch."""
+    modules = {name: importlib.import_module(f"sema.kernels.{name}") for name in ("ema", "switch", "swap")}
+    recorders = {}
+    for name, kernel_name in (("ema", "_ema_update_kernel"), ("switch", "_switch_kernel"), ("swap", "_swap_kernel")):
+        recorders[name] = LaunchRecorder(getattr(modules[name], kernel_name))
+        monkeypatch.setattr(modules[name], kernel_name, recorders[name])
+    n = VIEW_SIZE
+    ema = offset_view(random_values(n + 16, torch.float32, generator), offsets[0], n)
+    param = offset_view(random_values(n + 16, torch.bfloat16, generator), offsets[1], n)
+    kernels.ema_update_(ema, param, 0.5, True)
+    kernels.switch_(ema, param)
+    kernels.swap_(ema, param)
+    head = HEADS[offsets]
+    for name, recorder in recorders.items():
+        parts = [(grid, [(t.data_ptr(), t.numel()) for t in tensors]) for grid, tensors in recorder.launches]
+        if head is None:
+            assert parts == [((-(-n // 4096),), [(ema.data_ptr(), n), (param.data_ptr(), n)])], name
+        else:
+            rest = [(ema.data_ptr() + 4 * head, n - head), (param.data_ptr() + 2 * head, n - head)]
+            assert all(address % 16 == 0 for address, _ in rest), f"{name}: the test's HEADS are wrong"
+            head_part = ((1,), [(ema.data_ptr(), head), (param.data_ptr(), head)])
+            assert parts == [head_part, ((-(-(n - head) // 4096),), rest)], name
+
+
 # --- negative controls: the checkers reject wrong kernels -----------------------------------
 
 
@@ -464,17 +561,65 @@ def test_ema_update_multi(switch, generator, monkeypatch):
     assert len(counter.grids) == STEPS * len(DTYPE_PAIRS), "one launch per dtype pair per call"
 
 
-def test_multi_block_table_splits_and_is_cached():
+def test_multi_block_table_entries():
+    """One entry per block: its own addresses and element count. An unaligned head that both
+    tensors leave together is an entry of its own (full blocks after it are aligned), a full block
+    that stays unaligned gets ``block + 1`` (the masked path), and partial entries come first."""
+    multi = importlib.import_module("sema.kernels.multi")
+    block = 4096
+    base = 1 << 20  # 16-byte aligned
+    rows = [
+        base, 2 * base, 2 * block + 5,  # aligned fp32/bf16: two full blocks and a tail of 5
+        base + 4, 2 * base + 10, block + 3,  # fp32 at +4 bytes, bf16 at +10: aligned together after 3
+        base + 4, 2 * base, block,  # offsets that never align together: no head, the masked path
+    ]  # fmt: skip
+    entries = multi._entries(rows, block, 4, 2)
+    assert entries == [
+        base + 2 * block * 4, 2 * base + 2 * block * 2, 5,
+        base + 4, 2 * base + 10, 3,
+        base + 4, 2 * base, block + 1,
+        base, 2 * base, block,
+        base + block * 4, 2 * base + block * 2, block,
+        base + 16, 2 * base + 16, block,
+    ]  # fmt: skip
+
+
+def test_multi_block_table_is_cached():
     multi = importlib.import_module("sema.kernels.multi")
     block = 4096
     emas = [torch.zeros(n, device=DEVICE) for n in (3 * block + 5, 0, 7)]
     params = [torch.zeros(n, device=DEVICE) for n in (3 * block + 5, 0, 7)]
-    tensor_table, block_table, aligned = multi._tables(emas, params, block)
-    assert tensor_table.view(-1, 3)[:, 2].tolist() == [3 * block + 5, 7]  # the empty tensor has no row
-    assert block_table.view(-1, 2).tolist() == [[0, 0], [0, block], [0, 2 * block], [0, 3 * block], [1, 0]]
-    assert aligned == all(t.data_ptr() % 16 == 0 for t in (*emas, *params) if t.numel())
-    again = multi._tables(emas, params, block)
-    assert again[0] is tensor_table and again[1] is block_table
+    table = multi._block_table(emas, params, block)
+    assert table.view(-1, 3)[:, 2].tolist() == [5, 7, block, block, block]  # no entry for the empty tensor
+    assert multi._block_table(emas, params, block) is table
+    as_bf16 = [p.view(torch.bfloat16)[: p.numel()] for p in params]  # same addresses and counts
+    assert multi._block_table(emas, as_bf16, block) is not table
+
+
+def test_ema_update_multi_unaligned_views(generator):
+    """Views off 16-byte boundaries in one multi-tensor launch per dtype pair: a head split off
+    (HEADS), full blocks that never align (the masked path), tails; nothing written around them."""
+    emas, params, buffers = [], [], []
+    for i, (ema_offset, param_offset) in enumerate(HEADS):
+        for pair in ((torch.bfloat16, torch.float32), (torch.float32, torch.float32)):
+            n = 4096 + 100 * i + 1
+            ema_buffer = random_values(n + 16, pair[1], generator)
+            param_buffer = random_values(n + 16, pair[0], generator)
+            emas.append(offset_view(ema_buffer, ema_offset, n))
+            params.append(offset_view(param_buffer, param_offset, n))
+            buffers += [(ema_buffer, ema_offset, n), (param_buffer, param_offset, n)]
+    outside = [torch.cat([b[:o], b[o + n :]]).clone() for b, o, n in buffers]
+    for step in range(3):
+        for param in params:
+            param.copy_(random_values(param.numel(), param.dtype, generator))
+        emas_before, params_before = [e.clone() for e in emas], [p.clone() for p in params]
+        w = as_weight(0.25, step)
+        kernels.ema_update_multi_(emas, params, w, True)
+        for i in range(len(emas)):
+            what = f"step {step}, tensor {i} {pair_id((params[i].dtype, emas[i].dtype))}"
+            check_update(emas_before[i], params_before[i], w, emas[i], params[i], True, what)
+    for (buffer, offset, n), before in zip(buffers, outside, strict=True):
+        assert_bits_equal(torch.cat([buffer[:offset], buffer[offset + n :]]), before, "elements around a view")
 
 
 def test_multi_only_empty_tensors():
@@ -521,117 +666,3 @@ def test_ops_route_to_triton(generator, monkeypatch):
     sema.ops.ema_update_multi_(emas, params, 1.0, backend="triton")
     check_update(before, params[0], 1.0, emas[0], params[0], False, "sema.ops.ema_update_multi_")
     assert calls == ["_launch_update", "_launch_switch", "_launch_swap", "_launch_update_multi"]
-
-
-# --- what the GPU compiler makes of the kernels (no GPU needed) -----------------------------
-
-# (name, kernel module and name, {arg: type}, {constexpr: value}, dtypes read, dtypes written).
-# Pointer arguments are declared 16-byte aligned, as Triton specializes them at launch.
-GPU_VARIANTS = [
-    ("update fp32<-bf16 switch, tensor w", "ema._ema_update_kernel",
-     {"ema_ptr": "*fp32", "param_ptr": "*bf16", "weight": "*fp32", "n_elements": "i32"},
-     {"SWITCH": True, "WEIGHT_IS_TENSOR": True}, ["fp32", "bf16"], ["fp32", "bf16"]),
-    ("update fp32<-fp32, float w", "ema._ema_update_kernel",
-     {"ema_ptr": "*fp32", "param_ptr": "*fp32", "weight": "fp32", "n_elements": "i64"},
-     {"SWITCH": False, "WEIGHT_IS_TENSOR": False}, ["fp32", "fp32"], ["fp32"]),
-    ("update bf16<-bf16 switch", "ema._ema_update_kernel",
-     {"ema_ptr": "*bf16", "param_ptr": "*bf16", "weight": "fp32", "n_elements": "i32"},
-     {"SWITCH": True, "WEIGHT_IS_TENSOR": False}, ["bf16", "bf16"], ["bf16", "bf16"]),
-    ("multi fp32<-bf16 switch, aligned", "multi._ema_update_multi_kernel",
-     {"tensor_table_ptr": "*i64", "block_table_ptr": "*i64", "weight": "fp32"},
-     {"EMA_DTYPE": "fp32", "PARAM_DTYPE": "bf16", "SWITCH": True, "WEIGHT_IS_TENSOR": False, "ALIGNED": True},
-     ["fp32", "bf16"], ["fp32", "bf16"]),
-    ("multi fp16<-fp16, tensor w, aligned", "multi._ema_update_multi_kernel",
-     {"tensor_table_ptr": "*i64", "block_table_ptr": "*i64", "weight": "*fp32"},
-     {"EMA_DTYPE": "fp16", "PARAM_DTYPE": "fp16", "SWITCH": False, "WEIGHT_IS_TENSOR": True, "ALIGNED": True},
-     ["fp16", "fp16"], ["fp16"]),
-    ("switch fp32->bf16", "switch._switch_kernel",
-     {"ema_ptr": "*fp32", "param_ptr": "*bf16", "n_elements": "i32"}, {}, ["fp32"], ["bf16"]),
-    ("switch fp16->fp16", "switch._switch_kernel",
-     {"ema_ptr": "*fp16", "param_ptr": "*fp16", "n_elements": "i32"}, {}, ["fp16"], ["fp16"]),
-    ("swap packed", "swap._swap_kernel", {"ema_ptr": "*i32", "param_ptr": "*i16", "n_elements": "i32"},
-     {"PACK_BF16": True, "RESTORE": False}, ["fp32", "bf16"], ["fp32", "bf16"]),
-    ("swap packed restore", "swap._swap_kernel", {"ema_ptr": "*i32", "param_ptr": "*i16", "n_elements": "i64"},
-     {"PACK_BF16": True, "RESTORE": True}, ["fp32", "bf16"], ["fp32", "bf16"]),
-    ("swap exchange fp32", "swap._swap_kernel", {"ema_ptr": "*i32", "param_ptr": "*i32", "n_elements": "i32"},
-     {"PACK_BF16": False, "RESTORE": False}, ["fp32", "fp32"], ["fp32", "fp32"]),
-    ("swap exchange bf16", "swap._swap_kernel", {"ema_ptr": "*i16", "param_ptr": "*i16", "n_elements": "i32"},
-     {"PACK_BF16": False, "RESTORE": False}, ["bf16", "bf16"], ["bf16", "bf16"]),
-]  # fmt: skip
-# The control: without the ALIGNED hint, addresses loaded from the table give scalar accesses.
-UNALIGNED_MULTI = (
-    "multi fp32<-bf16, unaligned", "multi._ema_update_multi_kernel",
-    {"tensor_table_ptr": "*i64", "block_table_ptr": "*i64", "weight": "fp32"},
-    {"EMA_DTYPE": "fp32", "PARAM_DTYPE": "bf16", "SWITCH": True, "WEIGHT_IS_TENSOR": False, "ALIGNED": False},
-    ["fp32", "bf16"], ["fp32", "bf16"],
-)  # fmt: skip
-
-_COMPILE_SCRIPT = textwrap.dedent(
-    """
-    import importlib, json, re, sys
-    import triton, triton.language as tl
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-    from sema.kernels.launch import NUM_WARPS
-
-    TL = {"fp32": tl.float32, "bf16": tl.bfloat16, "fp16": tl.float16}
-    facts = {}
-    for name, kernel_path, types, constexprs, block in json.loads(sys.stdin.read()):
-        module, kernel_name = kernel_path.split(".")
-        kernel = getattr(importlib.import_module(f"sema.kernels.{module}"), kernel_name)
-        constexprs = {k: TL.get(v, v) if isinstance(v, str) else v for k, v in constexprs.items()}
-        constexprs["BLOCK"] = block
-        signature = {arg: types.get(arg, "constexpr") for arg in kernel.arg_names}
-        aligned = {(i,): [["tt.divisibility", 16]] for i, arg in enumerate(kernel.arg_names)
-                   if types.get(arg, "").startswith("*")}
-        source = ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=aligned)
-        compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32),
-                                  options={"num_warps": NUM_WARPS, "enable_fp_fusion": False})
-        ptx, ttir = compiled.asm["ptx"], compiled.asm["ttir"]
-        pid = re.search(r"(%[\\w.]+) = tt.get_program_id x : i32", ttir).group(1)
-        facts[name] = {
-            "v4_loads": len(re.findall(r"ld\\.global(?:\\.\\w+)*\\.v4\\.b32", ptx)),
-            "v4_stores": len(re.findall(r"st\\.global(?:\\.\\w+)*\\.v4\\.b32", ptx)),
-            "pid_to_i64": f"arith.extsi {pid} : i32 to i64" in ttir,
-            "pid_in_i32_mul": bool(re.search(rf"arith.muli ({pid}\\b|%[\\w.]+, {pid}\\b)", ttir)),
-        }
-    print(json.dumps(facts))
-    """
-)
-
-
-def test_compiled_for_gpu_vector_accesses_and_int64_offsets():
-    """Each kernel compiled for sm_90 by Triton's bundled ptxas (no GPU involved): the unmasked
-    path of a block moves every byte in 16-byte vectors, and the block start is computed in 64
-    bits (a bucket past 2**31 elements cannot be run here, its index arithmetic can be read)."""
-    pytest.importorskip("triton.backends.nvidia", reason="triton was built without its NVIDIA backend")
-    from sema.kernels.launch import NUM_WARPS, block_size
-
-    dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-    variants = [*GPU_VARIANTS, UNALIGNED_MULTI]
-    requests = [
-        (name, path, types, constexprs, block_size(*(dtypes[d] for d in reads)))
-        for name, path, types, constexprs, reads, _ in variants
-    ]
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = os.pathsep.join(sys.path)
-    result = subprocess.run(
-        [sys.executable, "-c", _COMPILE_SCRIPT],
-        input=json.dumps(requests),
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=300,
-    )
-    assert result.returncode == 0, result.stderr[-4000:]
-    facts = json.loads(result.stdout.strip().splitlines()[-1])
-
-    def vectors(names: list[str], block: int) -> int:  # 16-byte vectors per block and tensor
-        return sum(block * dtypes[d].itemsize // (NUM_WARPS * 32 * 16) for d in names)
-
-    for (name, _, _, _, reads, writes), (*_, block) in zip(GPU_VARIANTS, requests, strict=False):
-        got = facts[name]
-        assert (got["v4_loads"], got["v4_stores"]) == (vectors(reads, block), vectors(writes, block)), f"{name}: {got}"
-        assert got["pid_to_i64"] and not got["pid_in_i32_mul"], f"{name}: block offsets not in int64: {got}"
-    unaligned = facts[UNALIGNED_MULTI[0]]
-    assert unaligned["v4_loads"] == unaligned["v4_stores"] == 0, f"the alignment control vectorized: {unaligned}"
