@@ -101,7 +101,7 @@ def test_unaligned_views_take_the_scalar_path(pair, generator):
 @needs_cuda
 @pytest.mark.parametrize("switch", [False, True], ids=["update", "update_switch"])
 def test_multi_many_tensors(switch, generator):
-    """150 pairs of mixed dtypes and sizes (0 included): several launches of 64 tensors."""
+    """150 pairs of mixed dtypes and sizes (0 included): one piece table and launch per dtype pair."""
     emas, params = [], []
     for i in range(150):
         param_dtype, ema_dtype = DTYPE_PAIRS[i % len(DTYPE_PAIRS)]
