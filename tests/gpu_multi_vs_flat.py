@@ -61,7 +61,7 @@ def main() -> None:
             lambda i, lists=lists: _ext_cuda.ema_update_multi_(*lists[i % copies], 1e-3, args.switch), args.rounds
         )
         print(
-            f"multi  {count} tensors: {multi:.3f} ms, {bytes_moved / multi / 1e6:.0f} GB/s, "
+            f"multi  {len(sizes)} tensors: {multi:.3f} ms, {bytes_moved / multi / 1e6:.0f} GB/s, "
             f"{multi / flat:.3f}x the flat time (target <= 1.10)"
         )
 
