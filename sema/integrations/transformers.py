@@ -109,8 +109,7 @@ class SwitchEMACallback(TrainerCallback):
     ) -> None:
         if model is None:
             raise RuntimeError("SwitchEMACallback: the trainer passed no model to on_train_begin")
-        self._disarm()
-        self._swap.end()
+        self._end_evaluation_swap()
         self.ema = ensure_ema(self.ema, model, self.ema_kwargs)
         if state.global_step > 0:  # a resumed run: the trainer state came from a checkpoint
             self.ema.load_state_dict(self._load_resume_state(args, state))
@@ -176,8 +175,7 @@ class SwitchEMACallback(TrainerCallback):
     def on_train_end(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
     ) -> None:
-        self._disarm()
-        self._swap.end()
+        self._end_evaluation_swap()
         if self.switch_at_end:
             self.ema.switch()
 
@@ -202,9 +200,12 @@ class SwitchEMACallback(TrainerCallback):
         if armed is not None:
             armed.remove()
 
-    def on_evaluate(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
+    def _end_evaluation_swap(self) -> None:
         self._disarm()
         self._swap.end()
+
+    def on_evaluate(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
+        self._end_evaluation_swap()
 
     # --- checkpoints -----------------------------------------------------------------------
 
