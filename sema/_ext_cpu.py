@@ -1,7 +1,8 @@
 """The ``cpp`` backend: the kernel contract on CPU tensors, through the compiled ``sema._C``.
 
-One pass over each buffer with OpenMP threads (``torch.get_num_threads()`` of them) and
-vectorised loops; AVX2 + FMA + F16C kernels where the CPU has them, baseline x86-64 ones
+One pass over each buffer with vectorised loops and OpenMP threads: ``torch.get_num_threads()``
+of them, or one where :data:`sema.cpu_threads.PLANNER` says so (small work, another process
+holding a core); AVX2 + FMA + F16C kernels where the CPU has them, baseline x86-64 ones
 elsewhere. The fp32 lerp rounds exactly as ``torch.lerp`` on the same machine: with fma where
 PyTorch's CPU capability is AVX2 or better, without where it is DEFAULT. Casts round to nearest
 even as ``Tensor.to`` does (a NaN stays a NaN; its payload bits may differ).
@@ -19,6 +20,7 @@ from torch import Tensor
 
 from sema import _extension
 from sema._extension import check_pair, check_swap_dtypes, flat_pairs
+from sema.cpu_threads import PLANNER, SMALL_WORK_BYTES
 
 _C = _extension.extension
 
@@ -51,22 +53,29 @@ def ema_update_(ema: Tensor, param: Tensor, w: float | Tensor, switch: bool = Fa
     op = "sema cpp ema_update_"
     ema_dtype, param_dtype = check_pair(op, ema, param, "cpu")
     weight = _weight(op, w)
-    _C.cpu_ema_update(
-        ema.data_ptr(),
-        param.data_ptr(),
-        ema.numel(),
-        ema_dtype,
-        param_dtype,
-        weight,
-        bool(switch),
-        torch.get_num_threads(),
+    n = ema.numel()
+    ema_ptr, param_ptr = ema.data_ptr(), param.data_ptr()
+    nbytes = n * (2 * ema.element_size() + (2 if switch else 1) * param.element_size())
+    if nbytes < SMALL_WORK_BYTES:  # the planner's answer, without its overhead
+        _C.cpu_ema_update(ema_ptr, param_ptr, n, ema_dtype, param_dtype, weight, bool(switch), 1)
+        return
+    PLANNER.run(
+        ("cpp update", ema_dtype, param_dtype, bool(switch), n),
+        nbytes,
+        lambda threads: _C.cpu_ema_update(ema_ptr, param_ptr, n, ema_dtype, param_dtype, weight, bool(switch), threads),
     )
 
 
 def switch_(ema: Tensor, param: Tensor) -> None:
     """``param <- cast(ema)``, rounding to nearest even."""
     ema_dtype, param_dtype = check_pair("sema cpp switch_", ema, param, "cpu")
-    _C.cpu_switch(ema.data_ptr(), param.data_ptr(), ema.numel(), ema_dtype, param_dtype, torch.get_num_threads())
+    n = ema.numel()
+    ema_ptr, param_ptr = ema.data_ptr(), param.data_ptr()
+    PLANNER.run(
+        ("cpp switch", ema_dtype, param_dtype, n),
+        n * (ema.element_size() + param.element_size()),
+        lambda threads: _C.cpu_switch(ema_ptr, param_ptr, n, ema_dtype, param_dtype, threads),
+    )
 
 
 def swap_(ema: Tensor, param: Tensor, restore: bool = False) -> None:
@@ -74,8 +83,12 @@ def swap_(ema: Tensor, param: Tensor, restore: bool = False) -> None:
     op = "sema cpp swap_"
     ema_dtype, param_dtype = check_pair(op, ema, param, "cpu")
     check_swap_dtypes(op, ema, param)
-    _C.cpu_swap(
-        ema.data_ptr(), param.data_ptr(), ema.numel(), ema_dtype, param_dtype, bool(restore), torch.get_num_threads()
+    n = ema.numel()
+    ema_ptr, param_ptr = ema.data_ptr(), param.data_ptr()
+    PLANNER.run(
+        ("cpp swap", ema_dtype, param_dtype, bool(restore), n),
+        2 * n * (ema.element_size() + param.element_size()),
+        lambda threads: _C.cpu_swap(ema_ptr, param_ptr, n, ema_dtype, param_dtype, bool(restore), threads),
     )
 
 
@@ -86,13 +99,14 @@ def ema_update_multi_(
     op = "sema cpp ema_update_multi_"
     flat_emas, flat_params, ema_codes, param_codes = flat_pairs(op, emas, params, "cpu")
     weight = _weight(op, w)
-    _C.cpu_ema_update_multi(
-        [e.data_ptr() for e in flat_emas],
-        [p.data_ptr() for p in flat_params],
-        [e.numel() for e in flat_emas],
-        ema_codes,
-        param_codes,
-        weight,
-        bool(switch),
-        torch.get_num_threads(),
+    ema_ptrs = [e.data_ptr() for e in flat_emas]
+    param_ptrs = [p.data_ptr() for p in flat_params]
+    numels = [e.numel() for e in flat_emas]
+    total = sum(numels)
+    PLANNER.run(
+        ("cpp update_multi", len(numels), total, bool(switch)),
+        total * (16 if switch else 12),  # as fp32 pairs: an upper bound, for the thread plan only
+        lambda threads: _C.cpu_ema_update_multi(
+            ema_ptrs, param_ptrs, numels, ema_codes, param_codes, weight, bool(switch), threads
+        ),
     )

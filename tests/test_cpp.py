@@ -31,6 +31,7 @@ from conftest import (
 
 import sema
 from sema import _extension, reference
+from sema.cpu_threads import PLANNER
 
 CPP_AVAILABLE, CPP_REASON = sema.available_backends("cpu")["cpp"]
 pytestmark = pytest.mark.skipif(not CPP_AVAILABLE, reason=f"backend 'cpp' unavailable: {CPP_REASON}")
@@ -40,6 +41,14 @@ WEIGHTS = [0.0, 1e-4, 0.5, 1.0]
 STEPS = 50
 BIG_STEPS = 3  # 2**20 + 3 elements (the parallel path): a few steps keep the module fast
 SWAP_PAIRS = [pair for pair in DTYPE_PAIRS if pair != (torch.float16, torch.float32)]
+
+
+@pytest.fixture(autouse=True)
+def all_threads():
+    """The kernels' parallel paths run on every call, whatever the machine's load (the thread
+    planner has its own tests in test_contention.py)."""
+    with PLANNER.all_threads():
+        yield
 
 
 def size_id(n: int) -> str:

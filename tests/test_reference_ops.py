@@ -22,8 +22,17 @@ from conftest import (
 
 import sema
 from sema import reference
+from sema.cpu_threads import PLANNER
 
 STEPS = 100
+
+
+@pytest.fixture(autouse=True)
+def all_threads():
+    """PyTorch's parallel paths run on every call, whatever the machine's load (the thread
+    planner has its own tests in test_contention.py)."""
+    with PLANNER.all_threads():
+        yield
 
 
 def run_update_trajectory(
