@@ -11,10 +11,9 @@ torch.distributed.checkpoint saves sharded; averaged_state_dict(full=True) gathe
 from __future__ import annotations
 
 import gc
-import os
 
 import torch
-import torch.distributed as dist
+from gloo_training import CLASSES, IN_FEATURES, gloo_process_group, train
 from torch import nn
 from torch.distributed.fsdp import fully_shard
 
@@ -22,41 +21,29 @@ import sema
 
 
 def main() -> None:
-    dist.init_process_group("gloo")
-    rank, world = dist.get_rank(), dist.get_world_size()
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(20, 256), nn.ReLU(), nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, 4))
-    for layer in model:
-        if isinstance(layer, nn.Linear):
-            fully_shard(layer)
-    fully_shard(model)
-    ema = sema.SwitchEMA(model, decay=0.98)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    ema_bytes = sum(e.numel() * e.element_size() for g in ema.tensor_groups for e in g.emas)
-    model_bytes = sum(p.numel() * 4 for p in model.parameters())
-    print(f"rank {rank}: EMA holds {ema_bytes} of {model_bytes} bytes ({ema_bytes / model_bytes:.3f} of the model)")
-    g = torch.Generator().manual_seed(1)
-    true_w = torch.randn(20, 4, generator=g)
-    for epoch in range(int(os.environ.get("EPOCHS", 3))):
-        for _ in range(30):
-            x = torch.randn(32 * world, 20, generator=g)
-            y = (x @ true_w).argmax(1)
-            loss = nn.functional.cross_entropy(model(x.chunk(world)[rank]), y.chunk(world)[rank])
-            loss.backward()
-            opt.step()
-            opt.zero_grad()
-            ema.update()
-        if ema.epoch_end():
-            print(f"rank {rank}: epoch {epoch}: switched model shards <- EMA shards (loss {loss.item():.3f})")
-    full = ema.averaged_state_dict(full=True)  # a collective: every rank calls it, rank 0 gets the weights
-    if rank == 0:
-        print(f"rank 0: gathered the averaged weights: {sum(t.numel() for t in full.values())} elements")
-    # Free the sharded model and its FSDP2 state while the process group still exists, rather
-    # than at interpreter exit: on a 2-core VM a rank sometimes aborted in gloo's teardown.
-    del full, ema, opt, model
-    gc.collect()
-    dist.barrier()
-    dist.destroy_process_group()
+    with gloo_process_group() as (rank, _):
+        torch.manual_seed(0)
+        model = nn.Sequential(
+            nn.Linear(IN_FEATURES, 256), nn.ReLU(), nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, CLASSES)
+        )
+        for layer in model:
+            if isinstance(layer, nn.Linear):
+                fully_shard(layer)
+        fully_shard(model)
+        ema = sema.SwitchEMA(model, decay=0.98)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+        ema_bytes = sum(e.numel() * e.element_size() for g in ema.tensor_groups for e in g.emas)
+        model_bytes = sum(p.numel() * 4 for p in model.parameters())
+        print(f"rank {rank}: EMA holds {ema_bytes} of {model_bytes} bytes ({ema_bytes / model_bytes:.3f} of the model)")
+        for epoch, loss in train(model, opt, ema, steps_per_epoch=30):
+            print(f"rank {rank}: epoch {epoch}: switched model shards <- EMA shards (loss {loss:.3f})")
+        full = ema.averaged_state_dict(full=True)  # a collective: every rank calls it, rank 0 gets the weights
+        if rank == 0:
+            print(f"rank 0: gathered the averaged weights: {sum(t.numel() for t in full.values())} elements")
+        # Free the sharded model and its FSDP2 state while the process group still exists, rather
+        # than at interpreter exit: on a 2-core VM a rank sometimes aborted in gloo's teardown.
+        del full, ema, opt, model
+        gc.collect()
 
 
 if __name__ == "__main__":
