@@ -88,6 +88,17 @@ def resolved_backend(backend: str) -> str:
     return probe.backends[torch.device("cpu")]
 
 
+def warmup_ema_options(
+    backend: str, warmup: str | None, warmup_epochs: int, warmup_ratio: float, steps_per_epoch: int
+) -> dict[str, Any]:
+    """The ``SwitchEMA`` options of an experiment's EMA and SEMA arms, the warmup given in epochs."""
+    options: dict[str, Any] = {"backend": backend, "warmup": warmup}
+    if warmup in ("linear", "exp", "constant"):
+        options["warmup_steps"] = warmup_epochs * steps_per_epoch
+        options["warmup_ratio"] = warmup_ratio
+    return options
+
+
 def train_run(
     task: Task,
     kind: RunKind,
@@ -162,3 +173,69 @@ def train_run(
         "switches": 0 if ema is None else ema.num_switches,
         "max_abs_model_minus_ema_after_switch": worst_switch_gap,
     }
+
+
+class GridRunner:
+    """An experiment's grid: in each (lr, decay) cell, the ``plain+ema`` and ``sema`` runs of every
+    seed; the switch checks are tallied over the whole grid.
+
+    ``progress(total_runs)`` returns an object with ``update(1)`` (a tqdm bar); ``train_options``
+    go to every :func:`train_run` (``lr_warmup_steps``, ``grad_clip``).
+    """
+
+    def __init__(
+        self,
+        task: Task,
+        *,
+        n_cells: int,
+        seeds: tuple[int, ...],
+        epochs: int,
+        ema_options: dict[str, Any],
+        progress: Callable[[int], Any] | None = None,
+        on_epoch_end: EpochHook | None = None,
+        **train_options: Any,
+    ) -> None:
+        self.task = task
+        self.n_cells = n_cells
+        self.seeds = seeds
+        self.epochs = epochs
+        self.ema_options = ema_options
+        self.on_epoch_end = on_epoch_end
+        self.train_options = train_options
+        self.bar = progress(n_cells * len(seeds) * 2) if progress else None
+        self.switches = 0
+        self.worst_switch_gap = 0.0
+
+    def run_cell(self, lr: float, decay: float) -> dict[str, dict[str, list[list[float]]]]:
+        """Every seed's curves in one cell: ``{arm: {split: [curve per seed]}}``."""
+        curves: dict[str, dict[str, list[list[float]]]] = {arm: {} for arm in ARMS}
+        for seed in self.seeds:
+            for kind in ("plain+ema", "sema"):
+                run = train_run(
+                    self.task,
+                    kind,
+                    seed=seed,
+                    lr=lr,
+                    decay=decay,
+                    epochs=self.epochs,
+                    ema_options=self.ema_options,
+                    on_epoch_end=self.on_epoch_end,
+                    **self.train_options,
+                )
+                for arm, by_split in run["curves"].items():
+                    for split, curve in by_split.items():
+                        curves[arm].setdefault(split, []).append(curve)
+                self.switches += run["switches"]
+                self.worst_switch_gap = max(self.worst_switch_gap, run["max_abs_model_minus_ema_after_switch"])
+                if self.bar is not None:
+                    self.bar.update(1)
+        return curves
+
+    def checks(self, plain_identical_across_decays: bool) -> dict[str, Any]:
+        """The grid's sanity checks, as recorded with the results."""
+        return {
+            "sema_switches": self.switches,
+            "sema_switches_expected": self.n_cells * len(self.seeds) * self.epochs,
+            "max_abs_model_minus_ema_after_switch": self.worst_switch_gap,
+            "plain_identical_across_decays": plain_identical_across_decays,
+        }

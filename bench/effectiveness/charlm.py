@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .arms import ARMS, EpochHook, deterministic, resolved_backend, train_run
+from .arms import EpochHook, GridRunner, deterministic, resolved_backend, warmup_ema_options
 from .report import environment, summarise_arms
 
 TRAIN_FILES = (
@@ -153,35 +153,23 @@ def run_e2(
     """All seeds of E2; ``progress(total_runs)`` returns an object with ``update(1)`` (a tqdm bar)."""
     with deterministic(config.threads):
         task = CharLMTask(config)
-        ema_options: dict[str, Any] = {"backend": config.backend, "warmup": config.ema_warmup}
-        if config.ema_warmup in ("linear", "exp", "constant"):
-            ema_options["warmup_steps"] = config.ema_warmup_epochs * task.steps_per_epoch
-            ema_options["warmup_ratio"] = config.ema_warmup_ratio
-        bar = progress(len(config.decays) * len(config.seeds) * 2) if progress else None
+        ema_options = warmup_ema_options(
+            config.backend, config.ema_warmup, config.ema_warmup_epochs, config.ema_warmup_ratio, task.steps_per_epoch
+        )
+        grid = GridRunner(
+            task,
+            n_cells=len(config.decays),
+            seeds=config.seeds,
+            epochs=config.epochs,
+            ema_options=ema_options,
+            progress=progress,
+            on_epoch_end=on_epoch_end,
+            lr_warmup_steps=config.lr_warmup_steps,
+            grad_clip=config.grad_clip,
+        )
         cells = []
-        switches, worst_gap = 0, 0.0
         for decay in config.decays:
-            curves: dict[str, list[list[float]]] = {arm: [] for arm in ARMS}
-            for seed in config.seeds:
-                for kind in ("plain+ema", "sema"):
-                    run = train_run(
-                        task,
-                        kind,
-                        seed=seed,
-                        lr=config.lr,
-                        decay=decay,
-                        epochs=config.epochs,
-                        ema_options=ema_options,
-                        lr_warmup_steps=config.lr_warmup_steps,
-                        grad_clip=config.grad_clip,
-                        on_epoch_end=on_epoch_end,
-                    )
-                    for arm, by_split in run["curves"].items():
-                        curves[arm].append(by_split["val_bpc"])
-                    switches += run["switches"]
-                    worst_gap = max(worst_gap, run["max_abs_model_minus_ema_after_switch"])
-                    if bar is not None:
-                        bar.update(1)
+            curves = {arm: by_split["val_bpc"] for arm, by_split in grid.run_cell(config.lr, decay).items()}
             cells.append(
                 {
                     "lr": config.lr,
@@ -206,11 +194,8 @@ def run_e2(
         },
         "environment": environment(backend),
         "data": {"source": f"Python {sysconfig.get_python_version()} stdlib source files", **task.fingerprint},
-        "checks": {
-            "sema_switches": switches,
-            "sema_switches_expected": len(config.decays) * len(config.seeds) * config.epochs,
-            "max_abs_model_minus_ema_after_switch": worst_gap,
-            "plain_identical_across_decays": all(c["curves"]["plain"] == cells[0]["curves"]["plain"] for c in cells),
-        },
+        "checks": grid.checks(
+            plain_identical_across_decays=all(c["curves"]["plain"] == cells[0]["curves"]["plain"] for c in cells)
+        ),
         "cells": cells,
     }

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .arms import ARMS, EpochHook, deterministic, resolved_backend, train_run
+from .arms import ARMS, EpochHook, GridRunner, deterministic, resolved_backend, warmup_ema_options
 from .report import environment, summarise_arms
 from .stats import mean_ci, paired_difference
 
@@ -51,11 +51,9 @@ class DigitsConfig:
         return self.n_train // self.batch_size
 
     def ema_options(self) -> dict[str, Any]:
-        options: dict[str, Any] = {"backend": self.backend, "warmup": self.ema_warmup}
-        if self.ema_warmup in ("linear", "exp", "constant"):
-            options["warmup_steps"] = self.ema_warmup_epochs * self.steps_per_epoch
-            options["warmup_ratio"] = self.ema_warmup_ratio
-        return options
+        return warmup_ema_options(
+            self.backend, self.ema_warmup, self.ema_warmup_epochs, self.ema_warmup_ratio, self.steps_per_epoch
+        )
 
 
 class DigitsTask:
@@ -129,32 +127,19 @@ def run_e1(
     """Run the grid; ``progress(total_runs)`` returns an object with ``update(1)`` (a tqdm bar)."""
     with deterministic(config.threads):
         task = DigitsTask(config)
-        bar = progress(len(config.lrs) * len(config.decays) * len(config.seeds) * 2) if progress else None
+        grid = GridRunner(
+            task,
+            n_cells=len(config.lrs) * len(config.decays),
+            seeds=config.seeds,
+            epochs=config.epochs,
+            ema_options=config.ema_options(),
+            progress=progress,
+            on_epoch_end=on_epoch_end,
+        )
         cells = []
-        total_switches = 0
-        worst_gap = 0.0
         for lr in config.lrs:
             for decay in config.decays:
-                curves: dict[str, dict[str, list[list[float]]]] = {arm: {"val": [], "test": []} for arm in ARMS}
-                for seed in config.seeds:
-                    for kind in ("plain+ema", "sema"):
-                        run = train_run(
-                            task,
-                            kind,
-                            seed=seed,
-                            lr=lr,
-                            decay=decay,
-                            epochs=config.epochs,
-                            ema_options=config.ema_options(),
-                            on_epoch_end=on_epoch_end,
-                        )
-                        for arm, by_split in run["curves"].items():
-                            for split, curve in by_split.items():
-                                curves[arm][split].append(curve)
-                        total_switches += run["switches"]
-                        worst_gap = max(worst_gap, run["max_abs_model_minus_ema_after_switch"])
-                        if bar is not None:
-                            bar.update(1)
+                curves = grid.run_cell(lr, decay)
                 cells.append(
                     {
                         "lr": lr,
@@ -182,12 +167,7 @@ def run_e1(
         },
         "environment": environment(backend),
         "data": {"source": "sklearn.datasets.load_digits, pixels / 16, stratified fixed split", **data},
-        "checks": {
-            "sema_switches": total_switches,
-            "sema_switches_expected": len(config.lrs) * len(config.decays) * len(config.seeds) * config.epochs,
-            "max_abs_model_minus_ema_after_switch": worst_gap,
-            "plain_identical_across_decays": plain_same,
-        },
+        "checks": grid.checks(plain_identical_across_decays=plain_same),
         "selection": select_by_validation(cells),
         "outcome": outcome(cells),
         "cells": cells,
