@@ -11,7 +11,7 @@ from sema import ops
 from sema.backends import BackendUnavailableError, available_backends
 from sema.buckets import BucketMovedError, FlatBucket
 from sema.schedules import DecaySchedule
-from sema.switch_ema import SwitchEMA
+from sema.switch_ema import SwappedWriteError, SwitchEMA, SwitchHorizonWarning, UntrackedParamWarning
 
 __version__ = "0.1.0"
 
@@ -20,7 +20,10 @@ __all__ = [
     "BucketMovedError",
     "DecaySchedule",
     "FlatBucket",
+    "SwappedWriteError",
     "SwitchEMA",
+    "SwitchHorizonWarning",
+    "UntrackedParamWarning",
     "__version__",
     "available_backends",
     "ops",

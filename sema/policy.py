@@ -49,7 +49,10 @@ class SwitchPolicy:
         self.calls += 1
         if isinstance(self.switch_every, int) and self.switch_due(self.calls, self.switch_every):
             switch = True
-        return self.calls % self.schedule.update_every == 0, switch
+        every = self.schedule.update_every
+        if self.schedule.compensate:  # calls K, 2K, ...: the update stands for the K steps before it
+            return self.calls % every == 0, switch
+        return (self.calls - 1) % every == 0, switch  # calls 1, K + 1, 2K + 1, ... as the peers do
 
     def switch_due(self, count: int, every: int) -> bool:
         if count <= self.switch_start:

@@ -1,7 +1,9 @@
 """Decay schedules, evaluated on the device from a device step counter (no host sync).
 
-``t`` is the optimizer step at which an EMA update happens (``update index * update_every``).
-The decay at ``t`` is, by ``warmup``:
+The device step counts EMA updates (0-based index ``j``). The first ``copy_updates`` of them copy
+the params (weight 1: ``update_after_step``); the schedule then runs on the averaging updates,
+``u = j - copy_updates``, and ``t = u * update_every`` is the optimizer step of update ``u``
+counted from the first averaging one. The decay at ``t`` is, by ``warmup``:
 
 - ``None``: ``decay``.
 - ``"constant"``: ``warmup_ratio * decay`` while ``t < warmup_steps``, then ``decay``.
@@ -10,10 +12,16 @@ The decay at ``t`` is, by ``warmup``:
 - ``"exp"``: ``warmup_ratio ** (1 - t / warmup_steps) * decay`` while ``t < warmup_steps``.
 - ``"power"``: ``clamp(1 - (1 + t / inv_gamma) ** -power, min_decay, decay)`` (timm ModelEmaV3,
   diffusers EMAModel); the first update (``t = 0``) copies the weights.
+- ``"inverse"``: ``min(decay, (1 + n) / (10 + n))`` with ``n = u + 1``, the 1-based count of
+  averaging updates: torch_ema's ``use_num_updates=True`` (its ``num_updates`` is incremented
+  before the decay is read, so its first update uses ``n = 1``) and diffusers' ``EMAModel``
+  without ``use_ema_warmup`` (its ``step = optimization_step - update_after_step - 1`` after the
+  increment, with a copy while ``step <= 0``: sema's ``update_after_step = 1`` plus ``n = step``).
 
-With ``update_every = K`` the EMA is updated every K-th step with decay ``d(t) ** K``, which
-compensates for the skipped steps. The op weight is ``w = 1 - d(t) ** K``, computed in float64
-and handed to the kernels as float32.
+With ``update_every = K`` the EMA is updated every K-th step. By default (``compensate=True``) its
+decay is ``d(t) ** K``, which compensates for the skipped steps; with ``compensate=False`` it is
+``d(t)``, as ema-pytorch, NeMo, mmengine and Lightning do. The op weight is ``w = 1 - d(t) ** K``
+(or ``1 - d(t)``), computed in float64 and handed to the kernels as float32.
 """
 
 from __future__ import annotations
@@ -23,7 +31,7 @@ import math
 import torch
 from torch import Tensor
 
-WARMUPS = (None, "linear", "exp", "constant", "power")
+WARMUPS = (None, "linear", "exp", "constant", "power", "inverse")
 
 
 class DecaySchedule:
@@ -40,6 +48,8 @@ class DecaySchedule:
         power: float = 2.0 / 3.0,
         min_decay: float = 0.0,
         update_every: int = 1,
+        copy_updates: int = 0,
+        compensate: bool = True,
     ) -> None:
         _check_unit_interval("decay", decay, "e.g. decay=0.999", upper_open=True)
         if warmup not in WARMUPS:
@@ -62,6 +72,10 @@ class DecaySchedule:
                 raise ValueError(f"min_decay={min_decay} is above decay={decay}")
         if isinstance(update_every, bool) or not isinstance(update_every, int) or update_every < 1:
             raise ValueError(f"update_every must be a positive int, got {update_every!r}")
+        if isinstance(copy_updates, bool) or not isinstance(copy_updates, int) or copy_updates < 0:
+            raise ValueError(f"copy_updates must be a non-negative int, got {copy_updates!r}")
+        if not isinstance(compensate, bool):
+            raise TypeError(f"compensate must be True or False, got {compensate!r}")
         self.decay = float(decay)
         self.warmup = warmup
         self.warmup_steps = int(warmup_steps)
@@ -70,20 +84,27 @@ class DecaySchedule:
         self.power = float(power)
         self.min_decay = float(min_decay)
         self.update_every = update_every
+        self.copy_updates = copy_updates
+        self.compensate = compensate
+        self._exponent = update_every if compensate else 1
         self._constant: dict[torch.device, Tensor] = {}
+        self._one: dict[torch.device, Tensor] = {}
         self.settled_after = self._settled_after()
 
     def _settled_after(self) -> int:
-        """The first update index from which the weight no longer changes: past it,
-        ``weight(step, settled=True)`` returns one cached tensor (no launch) instead of evaluating
-        the schedule on the device (about ten tiny launches)."""
+        """The first averaging update (``u``) from which the weight no longer changes: past it,
+        :meth:`weight` returns one cached tensor (no launch) instead of evaluating the schedule
+        on the device (about ten tiny launches)."""
         K = self.update_every
         if self.warmup is None:
             return 0
-        if self.warmup != "power":
+        if self.warmup in ("linear", "exp", "constant"):
             return -(-self.warmup_steps // K)
         if self.decay == 0.0:
             return 0
+        if self.warmup == "inverse":  # (1 + n) / (10 + n) >= decay from n >= (10 d - 1) / (1 - d)
+            n = max(0, math.ceil((10.0 * self.decay - 1.0) / (1.0 - self.decay)))
+            return self._verified_settle(max(n - 1, 0) + 1)
         # 1 - (1 + t / inv_gamma) ** -power >= decay from t* on; the margin keeps the device's
         # float64 rounding on the capped side, which the host check below confirms.
         try:
@@ -92,11 +113,15 @@ class DecaySchedule:
             t = math.inf
         if not t < 2.0**52:
             return 2**62  # never reached: the device formula decides every step
-        n = math.ceil(max(t, 0.0) / K) + 1
-        at = torch.tensor(n, dtype=torch.int64)
+        return self._verified_settle(math.ceil(max(t, 0.0) / K) + 1)
+
+    def _verified_settle(self, u: int) -> int:
+        """``u`` if the formula is already at its final value there (checked on the host), else
+        never (2**62: the device formula decides every step)."""
+        at = torch.tensor(u + self.copy_updates, dtype=torch.int64)
         if float(self._formula(at)) != float(self._formula(at + 10**6)):
             return 2**62
-        return n
+        return u
 
     def config(self) -> dict[str, object]:
         return {
@@ -108,6 +133,8 @@ class DecaySchedule:
             "power": self.power,
             "min_decay": self.min_decay,
             "update_every": self.update_every,
+            "update_after_updates": self.copy_updates,
+            "compensate": self.compensate,
         }
 
     def decay_at(self, t: int) -> float:
@@ -115,6 +142,9 @@ class DecaySchedule:
         d, T, r = self.decay, self.warmup_steps, self.warmup_ratio
         if self.warmup == "power":
             return min(max(1.0 - (1.0 + t / self.inv_gamma) ** -self.power, self.min_decay), d)
+        if self.warmup == "inverse":
+            n = t / self.update_every + 1.0
+            return min(d, (1.0 + n) / (10.0 + n))
         if self.warmup is None or t >= T:
             return d
         if self.warmup == "constant":
@@ -124,42 +154,84 @@ class DecaySchedule:
         return r ** (1.0 - t / T) * d  # exp
 
     def weight_at(self, update_index: int) -> float:
-        """The op weight of update number ``update_index`` (0-based), as float32 would hold it."""
-        d = self.decay_at(update_index * self.update_every)
-        return float(torch.tensor(1.0 - d**self.update_every, dtype=torch.float64).to(torch.float32))
+        """The op weight of update number ``update_index`` (0-based, copies included), as float32
+        would hold it."""
+        if update_index < self.copy_updates:
+            return 1.0
+        d = self.decay_at((update_index - self.copy_updates) * self.update_every)
+        return float(torch.tensor(1.0 - d**self._exponent, dtype=torch.float64).to(torch.float32))
 
-    def weight(self, step: Tensor, settled: bool = False) -> Tensor:
+    def weight(self, step: Tensor, known_at_least: int | None = None) -> Tensor:
         """0-d float32 weight on ``step``'s device for update number ``step`` (an int64 0-d
-        tensor). Pure device arithmetic: capturable, traceable, no host read.
+        tensor, copies included). Pure device arithmetic: capturable, traceable, no host read.
 
-        ``settled=True`` promises that ``step >= settled_after`` (the caller knows a lower bound
-        of the device step): the weight is then a cached tensor, the same bits the formula gives."""
-        if self.warmup is None or settled:
-            w = self._constant.get(step.device)
-            if w is None:
-                if self.warmup is None:
-                    w = torch.tensor(1.0 - self.decay**self.update_every, dtype=torch.float32, device=step.device)
-                else:
-                    w = self._formula(torch.full_like(step, self.settled_after))
-                self._constant[step.device] = w
+        ``known_at_least``: a lower bound of ``step`` that the caller knows on the host. Past the
+        copies and the warmup the weight is then a cached tensor, and past the copies alone the
+        copy test is left out; the bits are those of the full formula either way."""
+        N = self.copy_updates
+        if known_at_least is not None and known_at_least >= N + self.settled_after:
+            return self._final(step.device)
+        if self.warmup is None:
+            w = self._final(step.device)
+        elif known_at_least is not None and known_at_least >= N:
+            return self._formula(step)
+        else:
+            w = self._formula(step)
+        if N == 0:
             return w
-        return self._formula(step)
+        return torch.where(step < N, self.one(step.device), w)
+
+    def one(self, device: torch.device) -> Tensor:
+        """The weight of a copy, cached per device."""
+        w = self._one.get(device)
+        if w is None:
+            w = self._one[device] = torch.ones((), dtype=torch.float32, device=device)
+        return w
+
+    def _final(self, device: torch.device) -> Tensor:
+        """The weight once the warmup is over, cached per device (the formula's own bits)."""
+        w = self._constant.get(device)
+        if w is None:
+            if self.warmup is None:
+                w = torch.tensor(1.0 - self.decay**self._exponent, dtype=torch.float32, device=device)
+            else:
+                at = torch.full((), self.copy_updates + self.settled_after, dtype=torch.int64, device=device)
+                w = self._formula(at)
+            self._constant[device] = w
+        return w
 
     def _formula(self, step: Tensor) -> Tensor:
-        t = step.to(torch.float64) * self.update_every
+        """The weight of averaging update ``step - copy_updates`` (not valid for a copy)."""
+        u = step.to(torch.float64)
+        if self.copy_updates:
+            u = u - self.copy_updates
         d = self.decay
-        if self.warmup == "power":
-            decay_t = (1.0 - (1.0 + t / self.inv_gamma) ** -self.power).clamp(self.min_decay, d)
+        if self.warmup == "inverse":
+            n = u + 1.0
+            decay_t = ((1.0 + n) / (10.0 + n)).clamp(max=d)
         else:
-            T, r = float(self.warmup_steps), self.warmup_ratio
-            if self.warmup == "constant":
-                warm = torch.full_like(t, r * d)
-            elif self.warmup == "linear":
-                warm = (1.0 - (1.0 - t / T) * (1.0 - r)) * d
+            t = u * self.update_every
+            if self.warmup == "power":
+                decay_t = (1.0 - (1.0 + t / self.inv_gamma) ** -self.power).clamp(self.min_decay, d)
             else:
-                warm = torch.pow(r, 1.0 - t / T) * d
-            decay_t = torch.where(t < T, warm, torch.full_like(t, d))
-        return (1.0 - decay_t**self.update_every).to(torch.float32)
+                T, r = float(self.warmup_steps), self.warmup_ratio
+                if self.warmup == "constant":
+                    warm = torch.full_like(t, r * d)
+                elif self.warmup == "linear":
+                    warm = (1.0 - (1.0 - t / T) * (1.0 - r)) * d
+                else:
+                    warm = torch.pow(r, 1.0 - t / T) * d
+                decay_t = torch.where(t < T, warm, torch.full_like(t, d))
+        return (1.0 - decay_t**self._exponent).to(torch.float32)
+
+
+def copy_updates_of(update_after_step: int, update_every: int, compensate: bool) -> int:
+    """How many EMA updates copy when the first ``update_after_step`` calls of ``update()`` copy:
+    the updates among those calls. Compensated, updates fire on calls K, 2K, ... (1-based);
+    otherwise on calls 1, K + 1, 2K + 1, ..."""
+    if compensate:
+        return update_after_step // update_every
+    return -(-update_after_step // update_every)
 
 
 def _check_unit_interval(name: str, value: object, example: str, upper_open: bool) -> None:

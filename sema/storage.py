@@ -133,18 +133,29 @@ class EMAStorage:
         ema_dtype: torch.dtype | None,
         flatten: bool,
         backends: dict[torch.device, str],
+        copy_only: set[str] | frozenset[str] = frozenset(),
     ) -> None:
         self.backends = backends
         self.buckets: list[FlatBucket] = []
         self.tensor_groups: list[TensorGroup] = []
-        for (device, dtype), members in plan_buckets(named).items():
-            target = dtype if ema_dtype is None else ema_dtype
-            # DTensor params (FSDP2 shards) cannot be re-pointed into a bucket: they always use
-            # the multi-tensor mode, on their local shards, with no communication.
-            if flatten and not any(is_dtensor(p) for _, p in members):
-                self.buckets.append(build_bucket(device, dtype, members, target))
-            else:
-                self.tensor_groups.append(_build_group(device, dtype, members, target))
+        # Copy-only params (tracked, but refreshed with weight 1 at every update) get buckets and
+        # groups of their own: one launch each, never one per tensor.
+        self._copy_only: set[int] = set()  # ids of the buckets and groups that copy
+        averaged = [(n, p) for n, p in named if n not in copy_only]
+        copied = [(n, p) for n, p in named if n in copy_only]
+        for members_of, copies in ((averaged, False), (copied, True)):
+            for (device, dtype), members in plan_buckets(members_of).items():
+                target = dtype if ema_dtype is None else ema_dtype
+                # DTensor params (FSDP2 shards) cannot be re-pointed into a bucket: they always
+                # use the multi-tensor mode, on their local shards, with no communication.
+                if flatten and not any(is_dtensor(p) for _, p in members):
+                    self.buckets.append(build_bucket(device, dtype, members, target))
+                    holder: object = self.buckets[-1]
+                else:
+                    self.tensor_groups.append(_build_group(device, dtype, members, target))
+                    holder = self.tensor_groups[-1]
+                if copies:
+                    self._copy_only.add(id(holder))
         self._bucket_storages = [b.param_flat.untyped_storage() for b in self.buckets]
         self._use_counts: tuple[int, ...] | None = None
         self.remember_placement()
@@ -207,14 +218,13 @@ class EMAStorage:
     def update_(self, weights: dict[torch.device, Tensor], switch: bool) -> None:
         """``ema <- lerp(ema, param, w)`` (then ``param <- ema`` with ``switch``), one fused launch
         per bucket and one multi-tensor launch per group."""
+        copies = self._copy_only
         for bucket in self.buckets:
-            ops.dispatch_update(
-                bucket.ema_flat, bucket.param_flat, weights[bucket.device], switch, self.backends[bucket.device]
-            )
+            w = 1.0 if copies and id(bucket) in copies else weights[bucket.device]
+            ops.dispatch_update(bucket.ema_flat, bucket.param_flat, w, switch, self.backends[bucket.device])
         for group in self.tensor_groups:
-            ops.dispatch_update_multi(
-                group.emas, group.views, weights[group.device], switch, self.backends[group.device]
-            )
+            w = 1.0 if copies and id(group) in copies else weights[group.device]
+            ops.dispatch_update_multi(group.emas, group.views, w, switch, self.backends[group.device])
 
     def switch_(self) -> None:
         """``param <- ema`` cast to each param's dtype; the EMA is unchanged."""

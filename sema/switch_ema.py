@@ -11,7 +11,7 @@ import contextlib
 import functools
 import inspect
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -20,7 +20,8 @@ from torch.optim.optimizer import register_optimizer_step_pre_hook
 from sema import ops
 from sema.buckets import BucketMovedError, FlatBucket, plan_buckets
 from sema.policy import SwitchPolicy
-from sema.schedules import DecaySchedule
+from sema.schedules import DecaySchedule, copy_updates_of
+from sema.selection import ParamSelection
 from sema.storage import (
     EMAStorage,
     ModelSlots,
@@ -111,19 +112,43 @@ class SwitchEMA:
         power: float = 2.0 / 3.0,
         min_decay: float = 0.0,
         skip_nonfinite: bool = False,
+        update_after_step: int = 0,
+        compensate_update_every: bool = True,
+        include: Sequence[str] | str | None = None,
+        exclude: Sequence[str] | str | None = None,
+        copy_only: Sequence[str] | str | None = None,
     ) -> None:
         # Every check runs before the model is touched: a bad argument leaves it as it was.
         if not isinstance(model, nn.Module):
             raise TypeError(f"SwitchEMA: model must be an nn.Module, got {type(model).__name__}")
-        schedule = DecaySchedule(decay, warmup, warmup_steps, warmup_ratio, inv_gamma, power, min_decay, update_every)
+        if isinstance(update_after_step, bool) or not isinstance(update_after_step, int) or update_after_step < 0:
+            raise ValueError(f"SwitchEMA: update_after_step={update_after_step!r} must be a non-negative int")
+        if not isinstance(compensate_update_every, bool):
+            raise TypeError(
+                f"SwitchEMA: compensate_update_every must be True or False, got {compensate_update_every!r}"
+            )
+        schedule = DecaySchedule(
+            decay,
+            warmup,
+            warmup_steps,
+            warmup_ratio,
+            inv_gamma,
+            power,
+            min_decay,
+            update_every,
+            copy_updates=copy_updates_of(update_after_step, update_every, compensate_update_every),
+            compensate=compensate_update_every,
+        )
         policy = SwitchPolicy(schedule, switch_every, switch_start, switch_end, skip_nonfinite)
         if buffers not in BUFFER_POLICIES:
             raise ValueError(f"SwitchEMA: buffers={buffers!r} is not one of {BUFFER_POLICIES}")
-        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        selection = ParamSelection(model, include, exclude, copy_only)
+        named = selection.tracked
         if not named:
             raise ValueError(
-                "SwitchEMA: the model has no trainable parameters (none with requires_grad=True); "
-                "there is nothing to average"
+                "SwitchEMA: the model has no trainable parameters (none with requires_grad=True"
+                + (" among those include/exclude select" if include or exclude else "")
+                + "); there is nothing to average"
             )
         bad = [f"{n} ({p.dtype})" for n, p in named if p.dtype not in ops.PARAM_DTYPES]
         if bad:
@@ -176,15 +201,19 @@ class SwitchEMA:
         # the one step that re-points params, and it undoes itself if it fails.
         self.tracked_buffers = TrackedBuffers(model, buffers, ema_dtype)
         self._slots = ModelSlots(model, named)
-        self.storage = EMAStorage(named, ema_dtype, self.flatten, resolved)
+        self.selection = selection
+        self.storage = EMAStorage(named, ema_dtype, self.flatten, resolved, copy_only=selection.copy_only)
         self._steps = {device: torch.zeros((), dtype=torch.int64, device=device) for device in resolved}
         for step in self._steps.values():
-            self.schedule.weight(step, settled=True)  # cached now, not inside a traced update
+            self.schedule.weight(step, known_at_least=2**62)  # cached now, not inside a traced update
+            self.schedule.one(step.device)
         self._on_cuda = any(device.type == "cuda" for device in resolved)
         # A lower bound of the device step, counted by eager updates only (graph replays and
         # compiled calls add to the device step without the host seeing them): once it passes
         # schedule.settled_after, the weight is a cached tensor.
         self._updates_seen = 0
+        self._traced_updates = False  # whether _updates_seen may miss some (compiled, captured)
+        self._horizon = HorizonCheck()
         self._hot_checks = 0
         self._registrations_seen = registrations()
 
@@ -302,16 +331,34 @@ class SwitchEMA:
         self._update_now(switch, traced=False)
 
     def _update_now(self, switch: bool, traced: bool) -> None:
-        settled = not traced and self._updates_seen >= self.schedule.settled_after
-        weights = {device: self.schedule.weight(step, settled) for device, step in self._steps.items()}
+        known = None if traced else self._updates_seen
+        weights = {device: self.schedule.weight(step, known) for device, step in self._steps.items()}
         self.storage.update_(weights, switch)
         self.tracked_buffers.update_(weights)
         for step in self._steps.values():
             step.add_(1)
-        if not traced:
+        if traced:
+            self._traced_updates = True
+        else:
             self._updates_seen += 1
         if switch:
             self._after_switch()
+
+    def _report_newly_trainable(self) -> None:
+        """Warn once about selected params that were frozen at construction and train now: a
+        check on the rare calls (switch, state_dict), never per update."""
+        names = self.selection.newly_trainable()
+        if names:
+            warnings.warn(
+                f"SwitchEMA: {len(names)} param(s) were frozen (requires_grad=False) when SwitchEMA was built and "
+                f"train now, but are not averaged, since the buckets were built without them: {', '.join(names[:8])}"
+                + (f" and {len(names) - 8} more" if len(names) > 8 else "")
+                + ". Build SwitchEMA after unfreezing them (load its state with load_state_dict where it has one), "
+                "or build it while they are trainable and freeze them afterwards (a frozen param's EMA then just "
+                "stays equal to it).",
+                UntrackedParamWarning,
+                stacklevel=3,
+            )
 
     def _capturing(self) -> bool:
         return self._on_cuda and torch.cuda.is_current_stream_capturing()
@@ -322,15 +369,20 @@ class SwitchEMA:
         """Mark the end of an epoch; switch when ``switch_every="epoch"`` and the
         ``switch_start``/``switch_end`` window allows. Returns whether it switched."""
         self._check_placement("epoch_end")
+        self._report_newly_trainable()
         if self.policy.end_epoch():
+            if self.num_switches == 0:
+                self._horizon.first_switch(self)
             self.switch()
             return True
+        self._horizon.poll()
         return False
 
     def switch(self) -> None:
         """``param <- ema`` now (cast to each param's dtype, round to nearest even), for every
         bucket, plus tracked buffers. The EMA itself is not changed."""
         self._check_placement("switch")
+        self._report_newly_trainable()
         self.storage.switch_()
         self._after_switch()
 
@@ -432,6 +484,8 @@ class SwitchEMA:
         safetensors), the tracked buffers, the step/call/epoch counters and the policy."""
         if self._swapped_active:
             raise RuntimeError("SwitchEMA.state_dict() inside swapped(): the EMA buffers hold the swapped state")
+        self._report_newly_trainable()
+        self._horizon.poll()
         step = self.step
         return {
             "format": STATE_FORMAT,
@@ -621,3 +675,69 @@ def _overlaps_itself(t: Tensor) -> bool:
             return True
         expected = stride * size
     return False
+
+
+class UntrackedParamWarning(UserWarning):
+    """A param that was frozen when ``SwitchEMA`` was built trains now and is not averaged."""
+
+
+class SwitchHorizonWarning(UserWarning):
+    """The EMA spans an epoch or more, where the project's study found that switching hurts.
+    Silence it with ``warnings.filterwarnings("ignore", category=sema.SwitchHorizonWarning)``."""
+
+
+# bench/effectiveness: with updates per epoch x (1 - decay) <= 0.3 (the EMA spans about 3 epochs
+# or more), SEMA's switch pulled training back to stale weights, down to -4.5 points.
+HORIZON_THRESHOLD = 0.3
+
+
+class HorizonCheck:
+    """At the first switch, compares the EMA's horizon with the epoch length, from the device step
+    counter without an extra sync: exact on the host where every update was eager, read directly
+    on a CPU, otherwise copied to the host asynchronously and judged at a later rare call."""
+
+    def __init__(self) -> None:
+        self.done = False
+        self._pending: tuple[Tensor, object, SwitchEMA] | None = None
+
+    def first_switch(self, ema: SwitchEMA) -> None:
+        if self.done or self._pending is not None:
+            return
+        step = next(iter(ema._steps.values()))
+        if not ema._traced_updates:
+            self._judge(ema, ema._updates_seen)
+        elif step.device.type != "cuda":
+            self._judge(ema, int(step))
+        else:
+            host = torch.empty((), dtype=torch.int64, pin_memory=True)
+            host.copy_(step, non_blocking=True)
+            event = torch.cuda.Event()
+            event.record()
+            self._pending = (host, event, ema)
+
+    def poll(self) -> None:
+        if self._pending is not None and self._pending[1].query():
+            host, _, ema = self._pending
+            self._pending = None
+            self._judge(ema, int(host))
+
+    def _judge(self, ema: SwitchEMA, updates: int) -> None:
+        self.done = True
+        epochs = max(ema.policy.epochs, 1)
+        schedule = ema.schedule
+        per_update = schedule.decay ** (schedule.update_every if schedule.compensate else 1)
+        per_epoch = (updates - schedule.copy_updates) / epochs
+        measure = per_epoch * (1.0 - per_update)
+        if per_epoch <= 0 or measure > HORIZON_THRESHOLD:
+            return
+        suggestion = 1.0 - HORIZON_THRESHOLD / per_epoch if per_epoch > HORIZON_THRESHOLD else 0.0
+        warnings.warn(
+            f"SwitchEMA: the EMA spans about {1.0 / measure:.1f} epochs ({per_epoch:.0f} updates per epoch x "
+            f"(1 - {per_update:.6g}) = {measure:.3g} <= {HORIZON_THRESHOLD}). The project's study "
+            "(bench/effectiveness) found that switching such an EMA into the model hurts (down to -4.5 points): it "
+            "pulls training back to weights that are too old. Use a smaller decay (at most "
+            f"{suggestion:.4g} for this epoch length) or switch_every=None for a plain EMA. Silence with "
+            "warnings.filterwarnings('ignore', category=sema.SwitchHorizonWarning).",
+            SwitchHorizonWarning,
+            stacklevel=4,
+        )
