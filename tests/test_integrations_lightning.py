@@ -309,3 +309,205 @@ def test_sema_imports_without_the_frameworks():
     assert out.returncode == 0, out.stderr
     assert "sema.integrations.lightning ImportError" in out.stdout and "pip install lightning" in out.stdout
     assert "sema.integrations.transformers ImportError" in out.stdout, out.stdout
+
+
+class EvaluatedRegressor(TinyRegressor):
+    """TinyRegressor with test and predict steps; ``fail_in`` makes that stage raise."""
+
+    def __init__(self, seed: int = 0, fail_in: str | None = None) -> None:
+        super().__init__(seed)
+        self.fail_in = fail_in
+        self.seen: dict[str, dict[str, torch.Tensor]] = {}
+
+    def test_step(self, batch, batch_idx):
+        self.seen["test"] = params_of(self)
+        if self.fail_in == "test":
+            raise RuntimeError("simulated failure in test")
+        x, y = batch
+        self.log("test_loss", nn.functional.mse_loss(self(x), y), batch_size=len(x))
+
+    def predict_step(self, batch, batch_idx):
+        self.seen["predict"] = params_of(self)
+        if self.fail_in == "predict":
+            raise RuntimeError("simulated failure in predict")
+        return self(batch[0])
+
+
+def fit_plain_ema(tmp_path, model, **callback_kwargs):
+    # switch_every=None keeps the live weights and the EMA apart after fit.
+    callback = SwitchEMACallback(decay=DECAY, switch_every=None, **callback_kwargs)
+    make_trainer(tmp_path, [callback], max_epochs=2, checkpoint_dir=tmp_path / "ckpt").fit(model, loaders()[0])
+    return callback
+
+
+def ema_weights_of(callback) -> dict[str, torch.Tensor]:
+    return dict(callback.ema.averaged_state_dict())
+
+
+def assert_weights(got: dict[str, torch.Tensor], expected: dict[str, torch.Tensor], where: str) -> None:
+    assert got.keys() == expected.keys(), where
+    for n, t in got.items():
+        assert_bits_equal(t.reshape(-1), expected[n].reshape(-1), f"{where}: {n}")
+
+
+def assert_apart(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert all(not torch.equal(a[n], b[n]) for n in a), "the test needs the EMA and the live weights apart"
+
+
+@requires_lightning
+@pytest.mark.parametrize("stage", ["test", "predict"])
+@pytest.mark.parametrize("on", ["ema", "live"])
+def test_test_and_predict_run_on_the_weights_asked_for(tmp_path, stage, on):
+    model = EvaluatedRegressor()
+    callback = fit_plain_ema(tmp_path, model, **{f"{stage}_on": on})
+    live, ema = params_of(model), ema_weights_of(callback)
+    assert_apart(live, ema)
+    val = loaders()[1]
+    trainer = make_trainer(tmp_path, [callback])
+    if stage == "test":
+        (metrics,) = trainer.test(model, val, verbose=False)
+        expected = ema if on == "ema" else live
+        x, y = next(iter(val))
+        with torch.no_grad():
+            loss = nn.functional.mse_loss(torch.func.functional_call(model, expected, (x,)), y)
+        assert metrics["test_loss"] == pytest.approx(float(loss), rel=1e-6)
+    else:
+        (predicted,) = trainer.predict(model, val)
+        expected = ema if on == "ema" else live
+        with torch.no_grad():
+            reference = torch.func.functional_call(model, expected, (next(iter(val))[0],))
+        assert_bits_equal(predicted.reshape(-1), reference.reshape(-1), "predictions")
+    assert_weights(model.seen[stage], expected, f"inside trainer.{stage}")
+    assert_weights(params_of(model), live, f"after trainer.{stage}")  # restored bit for bit
+
+
+@requires_lightning
+@pytest.mark.parametrize("stage", ["test", "predict"])
+def test_the_live_weights_come_back_when_test_or_predict_raises(tmp_path, stage):
+    model = EvaluatedRegressor(fail_in=stage)
+    callback = fit_plain_ema(tmp_path, model, test_on="ema", predict_on="ema")
+    live, ema = params_of(model), ema_weights_of(callback)
+    assert_apart(live, ema)
+    trainer = make_trainer(tmp_path, [callback])
+    with pytest.raises(RuntimeError, match=f"simulated failure in {stage}"):
+        getattr(trainer, stage)(model, loaders()[1])
+    assert_weights(model.seen[stage], ema, f"inside trainer.{stage}")
+    assert_weights(params_of(model), live, f"after the failed trainer.{stage}")
+    assert not callback._swap.active
+
+
+@requires_lightning
+@pytest.mark.parametrize("checkpoint_weights", ["ema", "live"])
+def test_checkpoint_weights_decide_what_load_from_checkpoint_gives(tmp_path, checkpoint_weights):
+    model = TinyRegressor()
+    callback = fit_plain_ema(tmp_path, model, checkpoint_weights=checkpoint_weights)
+    live, ema = dict(model.state_dict()), ema_weights_of(callback)
+    assert_apart(params_of(model), {n: ema[n] for n in params_of(model)})
+    path = tmp_path / "ckpt" / "epoch=1-step=12.ckpt"  # written at the end of fit: the state above
+    saved = torch.load(path, map_location="cpu", weights_only=False)
+    loaded = TinyRegressor.load_from_checkpoint(path, seed=1)
+    if checkpoint_weights == "ema":
+        assert_weights(saved["state_dict"], ema, "checkpoint state_dict")
+        assert_weights(saved["sema_live_state_dict"], live, "checkpoint sema_live_state_dict")
+        assert_weights(dict(loaded.state_dict()), ema, "load_from_checkpoint")
+    else:
+        assert "sema_live_state_dict" not in saved
+        assert_weights(dict(loaded.state_dict()), live, "load_from_checkpoint")
+    # The EMA state itself is in the checkpoint either way.
+    ema_state = saved["callbacks"][callback.state_key]["ema"]["ema"]
+    assert_weights(ema_state, callback.ema.state_dict()["ema"], "callback state")
+
+
+@requires_lightning
+@pytest.mark.parametrize("checkpoint_weights", ["ema", "live"])
+def test_resume_is_bit_identical_with_either_checkpoint_weights(tmp_path, checkpoint_weights):
+    train, val = loaders()
+    settings = dict(decay=DECAY, switch_every=None, checkpoint_weights=checkpoint_weights)
+
+    reference_model = TinyRegressor(seed=0)
+    reference = SwitchEMACallback(**settings)
+    make_trainer(tmp_path / "a", [reference]).fit(reference_model, train, val)
+
+    killed = make_trainer(
+        tmp_path / "b", [SwitchEMACallback(**settings), CrashAt(epoch=2, batch=2)], checkpoint_dir=tmp_path / "ckpt"
+    )
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        killed.fit(TinyRegressor(seed=0), train, val)
+    checkpoint = tmp_path / "ckpt" / "epoch=1-step=12.ckpt"
+    saved = torch.load(checkpoint, map_location="cpu", weights_only=False)
+    assert ("sema_live_state_dict" in saved) == (checkpoint_weights == "ema")
+
+    resumed_model = TinyRegressor(seed=1)
+    resumed = SwitchEMACallback(**settings)
+    trainer = make_trainer(tmp_path / "c", [resumed])
+    trainer.fit(resumed_model, train, val, ckpt_path=checkpoint)
+
+    assert trainer.global_step == 18 and resumed.ema.step == 18
+    assert_weights(params_of(resumed_model), params_of(reference_model), "params")
+    assert_weights(emas_of(resumed), emas_of(reference), "EMA")
+
+
+@requires_lightning
+@pytest.mark.parametrize("test_on", ["ema", "live"])
+def test_trainer_test_from_an_ema_checkpoint_with_a_fresh_callback(tmp_path, test_on):
+    model = EvaluatedRegressor()
+    callback = fit_plain_ema(tmp_path, model, checkpoint_weights="ema")
+    live, ema = params_of(model), ema_weights_of(callback)
+    fresh_model = EvaluatedRegressor(seed=1)
+    fresh = SwitchEMACallback(decay=DECAY, switch_every=None, test_on=test_on)
+    make_trainer(tmp_path / "t", [fresh]).test(
+        fresh_model, loaders()[1], ckpt_path=tmp_path / "ckpt" / "epoch=1-step=12.ckpt", verbose=False
+    )
+    assert_weights(fresh_model.seen["test"], ema if test_on == "ema" else live, "inside trainer.test")
+    assert_weights(params_of(fresh_model), live, "after trainer.test")  # the live weights, from the checkpoint
+
+
+@requires_lightning
+def test_two_callbacks_cannot_both_write_the_checkpoint_state_dict(tmp_path):
+    callbacks = [
+        SwitchEMACallback(decay=0.5, checkpoint_weights="ema"),
+        SwitchEMACallback(decay=0.9, checkpoint_weights="ema"),
+    ]
+    model = TinyRegressor()
+    before = params_of(model)
+    with pytest.raises(ValueError, match="checkpoint_weights='ema' on one callback only"):
+        make_trainer(tmp_path, callbacks, max_epochs=1).fit(model, loaders()[0])
+    assert_weights(params_of(model), before, "params")
+
+
+@requires_lightning
+def test_new_arguments_are_checked_when_the_callback_is_made():
+    for name in ("test_on", "predict_on", "checkpoint_weights"):
+        with pytest.raises(ValueError, match=name):
+            SwitchEMACallback(**{name: "best"})
+    with pytest.raises(TypeError, match="SwitchEMA takes"):
+        SwitchEMACallback(update_after_steps=3)
+
+
+class ParamRecorder(Callback):
+    """The params after every optimizer step."""
+
+    def __init__(self) -> None:
+        self.history: list[dict[str, torch.Tensor]] = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.global_step > len(self.history):
+            self.history.append(params_of(pl_module))
+
+
+@requires_lightning
+def test_migration_arguments_pass_through_the_callback(tmp_path):
+    # update_after_step=3: the first 3 updates copy; include: only the first layer is averaged.
+    model = TinyRegressor()
+    callback = SwitchEMACallback(decay=DECAY, switch_every=None, update_after_step=3, include="net.0.*")
+    recorder = ParamRecorder()
+    make_trainer(tmp_path, [callback, recorder], max_epochs=1).fit(model, loaders()[0])
+    emas = emas_of(callback)
+    assert sorted(emas) == ["net.0.bias", "net.0.weight"]
+    assert len(recorder.history) == callback.ema.step == 6
+    for n, e in emas.items():
+        reference = recorder.history[2][n].clone()
+        for params in recorder.history[3:]:
+            reference.lerp_(params[n], 1.0 - DECAY)
+        torch.testing.assert_close(e, reference, **TOLERANCES[torch.float32], msg=f"EMA of {n}")
+        assert not torch.allclose(e, recorder.history[-1][n], rtol=1e-3, atol=1e-3), f"{n} was never averaged"

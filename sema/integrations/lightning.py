@@ -14,11 +14,17 @@ What happens when (the Lightning hooks):
 - ``on_train_epoch_end``: ``ema.epoch_end()``, the SEMA switch (``switch_every="epoch"``). It runs
   before ``ModelCheckpoint`` saves at the end of the epoch, so the checkpoint holds the switched
   model and the EMA state that goes with it.
-- validation (``validate_on="ema"``): the model holds the EMA through ``ema.swapped()`` from
-  ``on_validation_start`` to ``on_validation_end``, restored bit for bit afterwards (also when
-  validation raises). ``validate_on="live"`` validates the live weights.
+- validation, test and predict (``validate_on``, ``test_on``, ``predict_on`` set to ``"ema"``):
+  the model holds the EMA through ``ema.swapped()`` from ``on_<stage>_start`` to
+  ``on_<stage>_end``, restored bit for bit afterwards (also when the stage raises). ``"live"``
+  runs the stage on the live weights. ``trainer.test(model, ckpt_path=...)`` and the like take
+  the EMA from that checkpoint.
 - ``state_dict`` / ``load_state_dict``: the EMA state travels in Lightning checkpoints, so a
   resumed ``fit`` continues the same trajectory.
+- ``on_save_checkpoint`` with ``checkpoint_weights="ema"``: the checkpoint's ``state_dict`` holds
+  the EMA weights (so ``Model.load_from_checkpoint(path)`` gives the averaged model) and the live
+  weights go to ``checkpoint["sema_live_state_dict"]``; ``on_load_checkpoint`` puts them back into
+  the model, so resuming (``ckpt_path=``) continues bit for bit either way.
 - ``on_train_end`` with ``switch_at_end=True``: ``ema.switch()``, so the model holds the EMA when
   ``fit`` returns (useful with ``switch_every=None``, a plain EMA; with the default policy the
   last epoch already switched).
@@ -30,7 +36,7 @@ from typing import Any
 
 from torch import nn
 
-from sema.integrations import EvaluationSwap, check_callback_args, ensure_ema, log_switch
+from sema.integrations import VALIDATE_ON, EvaluationSwap, check_callback_args, ensure_ema, log_switch
 from sema.switch_ema import SwitchEMA
 
 try:
@@ -43,7 +49,16 @@ except ImportError:
             "sema.integrations.lightning needs Lightning: pip install lightning (or pip install 'sema[lightning]')"
         ) from exc
 
-__all__ = ["SwitchEMACallback"]
+LIVE_STATE_KEY = "sema_live_state_dict"
+CHECKPOINT_WEIGHTS = ("live", "ema")
+
+__all__ = ["CHECKPOINT_WEIGHTS", "LIVE_STATE_KEY", "SwitchEMACallback"]
+
+
+def _check_choice(name: str, value: object, choices: tuple[str, ...]) -> str:
+    if value not in choices:
+        raise ValueError(f"SwitchEMACallback: {name}={value!r} is not one of {choices}")
+    return value
 
 
 class SwitchEMACallback(pl.Callback):
@@ -54,6 +69,13 @@ class SwitchEMACallback(pl.Callback):
         decay: the EMA decay, as for :class:`sema.SwitchEMA`.
         validate_on: ``"ema"`` (validation sees the EMA weights, through ``swapped()``) or
             ``"live"`` (the weights being trained).
+        test_on: the same for ``trainer.test``; ``"live"`` by default, as before this option.
+        predict_on: the same for ``trainer.predict``; ``"live"`` by default.
+        checkpoint_weights: ``"live"`` (default): the checkpoint's ``state_dict`` holds the live
+            weights. ``"ema"``: it holds the EMA weights (cast to the param dtypes), and the live
+            weights go to ``checkpoint["sema_live_state_dict"]``, from which this callback restores
+            them when a run resumes. Checkpoints written with ``save_weights_only=True`` call no
+            callback hook in Lightning and keep the live weights.
         switch_at_end: switch the EMA into the model when training ends.
         **ema_kwargs: every other :class:`sema.SwitchEMA` argument (``warmup``, ``switch_every``,
             ``buffers``, ``ema_dtype``, ``backend``, ...).
@@ -71,10 +93,16 @@ class SwitchEMACallback(pl.Callback):
         decay: float = 0.999,
         *,
         validate_on: str = "ema",
+        test_on: str = "live",
+        predict_on: str = "live",
+        checkpoint_weights: str = "live",
         switch_at_end: bool = False,
         **ema_kwargs: Any,
     ) -> None:
         super().__init__()
+        self.test_on = _check_choice("test_on", test_on, VALIDATE_ON)
+        self.predict_on = _check_choice("predict_on", predict_on, VALIDATE_ON)
+        self.checkpoint_weights = _check_choice("checkpoint_weights", checkpoint_weights, CHECKPOINT_WEIGHTS)
         self.ema_kwargs = check_callback_args("SwitchEMACallback", validate_on, {"decay": decay, **ema_kwargs})
         self.validate_on = validate_on
         self.switch_at_end = bool(switch_at_end)
@@ -96,6 +124,25 @@ class SwitchEMACallback(pl.Callback):
             self.ema.load_state_dict(self._pending_state)
             self._pending_state = None
         return self.ema
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if self.checkpoint_weights != "ema":
+            return
+        weight_averaging = getattr(pl.callbacks, "WeightAveraging", ())
+        rivals = [
+            type(cb).__name__
+            for cb in trainer.callbacks
+            if cb is not self
+            and (
+                (isinstance(cb, SwitchEMACallback) and cb.checkpoint_weights == "ema")
+                or isinstance(cb, weight_averaging)
+            )
+        ]
+        if rivals:
+            raise ValueError(
+                "SwitchEMACallback(checkpoint_weights='ema') writes the checkpoint's state_dict, and so do "
+                f"{', '.join(rivals)} in this trainer; keep checkpoint_weights='ema' on one callback only"
+            )
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._build(pl_module)
@@ -124,16 +171,34 @@ class SwitchEMACallback(pl.Callback):
         if self.switch_at_end:
             self.ema.switch()
 
-    # --- validation ------------------------------------------------------------------------
+    # --- validation, test, predict ---------------------------------------------------------
 
-    def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self.validate_on != "ema" or self.ema is None or self.ema.model is not pl_module:
-            return  # no EMA of this module (trainer.validate() before any fit): the live weights
-        # trainer.validate() after fit: the strategy may have moved the model since; rebuilt then.
+    def _begin_stage(self, on: str, pl_module: pl.LightningModule) -> None:
+        if on != "ema":
+            return
+        if (self.ema is None or self.ema.model is not pl_module) and self._pending_state is None:
+            return  # no EMA of this module (evaluated before any fit, no checkpoint): the live weights
+        # After fit the strategy may have moved the model (rebuilt then); a checkpoint given to
+        # trainer.validate/test/predict(ckpt_path=...) brings its EMA state (loaded then).
         self._build(pl_module)
         self._swap.begin(self.ema)
 
+    def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._begin_stage(self.validate_on, pl_module)
+
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._swap.end()
+
+    def on_test_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._begin_stage(self.test_on, pl_module)
+
+    def on_test_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._swap.end()
+
+    def on_predict_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._begin_stage(self.predict_on, pl_module)
+
+    def on_predict_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._swap.end()
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
@@ -142,11 +207,44 @@ class SwitchEMACallback(pl.Callback):
     # --- checkpoints -----------------------------------------------------------------------
 
     def state_dict(self) -> dict[str, Any]:
-        if self.ema is None:
-            return {} if self._pending_state is None else {"ema": self._pending_state}
-        return {"ema": self.ema.state_dict()}
+        # A state loaded from a checkpoint and not yet built into the EMA is the newer one
+        # (trainer.test(ckpt_path=...) with test_on="live" loads it and builds nothing).
+        if self._pending_state is not None:
+            return {"ema": self._pending_state}
+        return {} if self.ema is None else {"ema": self.ema.state_dict()}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         # Lightning restores callbacks before on_fit_start (or, for some strategies, between
         # on_fit_start and on_train_start): the state is loaded where the EMA is (re)built.
         self._pending_state = state_dict.get("ema")
+
+    def on_save_checkpoint(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        if self.checkpoint_weights != "ema" or self.ema is None or self.ema.model is not pl_module:
+            return
+        if LIVE_STATE_KEY in checkpoint:
+            raise RuntimeError(
+                f"SwitchEMACallback: checkpoint[{LIVE_STATE_KEY!r}] is already set; another callback wrote the "
+                "state_dict; keep checkpoint_weights='ema' on one callback only"
+            )
+        live = checkpoint["state_dict"]
+        averaged = self._build(pl_module).averaged_state_dict()
+        unknown = sorted(set(averaged) - set(live))
+        if unknown:
+            raise RuntimeError(
+                f"SwitchEMACallback(checkpoint_weights='ema'): the strategy's checkpoint state_dict lacks "
+                f"{unknown[:5]} of the model's state_dict; use checkpoint_weights='live' with this strategy "
+                "and export callback.ema.averaged_state_dict() instead"
+            )
+        checkpoint[LIVE_STATE_KEY] = live
+        checkpoint["state_dict"] = {name: averaged.get(name, value) for name, value in live.items()}
+
+    def on_load_checkpoint(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        # Lightning has loaded checkpoint["state_dict"] (here the EMA) into the model already;
+        # the live weights replace it, whatever this callback's checkpoint_weights says.
+        live = checkpoint.get(LIVE_STATE_KEY)
+        if live is not None:
+            trainer.strategy.load_model_state_dict({"state_dict": live}, strict=pl_module.strict_loading)
