@@ -60,7 +60,7 @@ def ema_update_(ema: Tensor, param: Tensor, w: float | Tensor, switch: bool = Fa
         _C.cpu_ema_update(ema_ptr, param_ptr, n, ema_dtype, param_dtype, weight, bool(switch), 1)
         return
     PLANNER.run(
-        ("cpp update", ema_dtype, param_dtype, bool(switch), n),
+        ("cpp update", ema_dtype, param_dtype, bool(switch)),
         nbytes,
         lambda threads: _C.cpu_ema_update(ema_ptr, param_ptr, n, ema_dtype, param_dtype, weight, bool(switch), threads),
     )
@@ -72,7 +72,7 @@ def switch_(ema: Tensor, param: Tensor) -> None:
     n = ema.numel()
     ema_ptr, param_ptr = ema.data_ptr(), param.data_ptr()
     PLANNER.run(
-        ("cpp switch", ema_dtype, param_dtype, n),
+        ("cpp switch", ema_dtype, param_dtype),
         n * (ema.element_size() + param.element_size()),
         lambda threads: _C.cpu_switch(ema_ptr, param_ptr, n, ema_dtype, param_dtype, threads),
     )
@@ -86,7 +86,7 @@ def swap_(ema: Tensor, param: Tensor, restore: bool = False) -> None:
     n = ema.numel()
     ema_ptr, param_ptr = ema.data_ptr(), param.data_ptr()
     PLANNER.run(
-        ("cpp swap", ema_dtype, param_dtype, bool(restore), n),
+        ("cpp swap", ema_dtype, param_dtype, bool(restore)),
         2 * n * (ema.element_size() + param.element_size()),
         lambda threads: _C.cpu_swap(ema_ptr, param_ptr, n, ema_dtype, param_dtype, bool(restore), threads),
     )
@@ -104,7 +104,7 @@ def ema_update_multi_(
     numels = [e.numel() for e in flat_emas]
     total = sum(numels)
     PLANNER.run(
-        ("cpp update_multi", len(numels), total, bool(switch)),
+        ("cpp update_multi", bool(switch)),
         total * (16 if switch else 12),  # as fp32 pairs: an upper bound, for the thread plan only
         lambda threads: _C.cpu_ema_update_multi(
             ema_ptrs, param_ptrs, numels, ema_codes, param_codes, weight, bool(switch), threads

@@ -7,8 +7,8 @@ op then takes 9 ms, and the torch backend's cache-blocked ops pay it once per bl
 CPU op asks :data:`PLANNER` for a thread count and reports its wall time:
 
 - work of fewer than ``SMALL_WORK_BYTES`` runs on one thread: no region to wait for;
-- the first call of each kind (op, dtypes, length) runs on one thread, to learn what one thread
-  costs;
+- the first call of each kind (op, dtypes, size within a factor of 2) runs on one thread, to
+  learn what one thread costs per byte;
 - a parallel call slower than that by ``LATE_RATIO`` plus ``LATE_SECONDS`` marks the machine as
   contended: calls then run on one thread for a back-off period (doubling while the probes stay
   late, up to ``MAX_BACKOFF_SECONDS``), after which the next call probes all threads again.
@@ -37,7 +37,7 @@ class ThreadPlanner:
 
     def __init__(self, clock: Callable[[], float] = time.perf_counter) -> None:
         self._clock = clock
-        self._single_seconds: dict[Hashable, float] = {}
+        self._single_seconds_per_byte: dict[tuple[Hashable, int], float] = {}
         self._single_until = -math.inf
         self._backoff = 0.0
         self._all_threads = False
@@ -49,20 +49,25 @@ class ThreadPlanner:
             return 1
         if self._all_threads:
             return max_threads
-        if nbytes < SMALL_WORK_BYTES or key not in self._single_seconds or self._clock() < self._single_until:
+        if (
+            nbytes < SMALL_WORK_BYTES
+            or (key, nbytes.bit_length()) not in self._single_seconds_per_byte
+            or self._clock() < self._single_until
+        ):
             return 1
         return max_threads
 
-    def record(self, key: Hashable, threads: int, seconds: float) -> None:
-        """Reports the wall time of a call that ran with ``threads`` threads."""
+    def record(self, key: Hashable, nbytes: int, threads: int, seconds: float) -> None:
+        """Reports the wall time of a call of kind ``key`` that moved ``nbytes`` on ``threads`` threads."""
+        size_class = (key, nbytes.bit_length())
         if threads == 1:
             self.stats["single"] += 1
-            if seconds < self._single_seconds.get(key, math.inf):
-                self._single_seconds[key] = seconds
+            if seconds / nbytes < self._single_seconds_per_byte.get(size_class, math.inf):
+                self._single_seconds_per_byte[size_class] = seconds / nbytes
             return
         self.stats["parallel"] += 1
-        single = self._single_seconds.get(key)
-        if single is not None and seconds > single * LATE_RATIO + LATE_SECONDS:
+        single = self._single_seconds_per_byte.get(size_class)
+        if single is not None and seconds > single * nbytes * LATE_RATIO + LATE_SECONDS:
             self.stats["late"] += 1
             self._backoff = min(2 * self._backoff, MAX_BACKOFF_SECONDS) if self._backoff else FIRST_BACKOFF_SECONDS
             self._single_until = self._clock() + self._backoff
@@ -81,7 +86,7 @@ class ThreadPlanner:
             return
         start = self._clock()
         op(threads)
-        self.record(key, threads, self._clock() - start)
+        self.record(key, nbytes, threads, self._clock() - start)
 
     def run_torch(self, key: Hashable, nbytes: int, body: Callable[[], None]) -> None:
         """Runs PyTorch ops in ``body`` with the planned thread count (ATen opens no region on one)."""

@@ -71,8 +71,7 @@ def _blocked(
     for start in starts:
         blocks = tensors if start is None else tuple(t.narrow(0, start, min(chunk, n - start)) for t in tensors)
         if device.type == "cpu":
-            length = blocks[0].numel()
-            PLANNER.run_torch((*key, length), length * bytes_per_element, lambda blocks=blocks: body(*blocks))
+            PLANNER.run_torch(key, blocks[0].numel() * bytes_per_element, lambda blocks=blocks: body(*blocks))
         else:
             body(*blocks)
 
@@ -198,5 +197,5 @@ def ema_update_multi_(
         _foreach_update(fp32_emas, fp32_params, w, switch)
         return
     numel = sum(e.numel() for e in fp32_emas)
-    key = ("update_multi", len(fp32_emas), numel, switch)
+    key = ("update_multi", switch)
     PLANNER.run_torch(key, numel * (16 if switch else 12), lambda: _foreach_update(fp32_emas, fp32_params, w, switch))

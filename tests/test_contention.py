@@ -70,9 +70,12 @@ def planner(monkeypatch: pytest.MonkeyPatch) -> ThreadPlanner:
 # --- the planner's decisions --------------------------------------------------------------
 
 
+SIZE = SMALL_WORK_BYTES  # a power of 2: seconds per byte times SIZE is exact
+
+
 def test_small_work_takes_one_thread_and_is_not_timed():
     plan = ThreadPlanner(clock=NoClock())
-    plan.record("op", 1, 0.001)  # measured on one thread: only the size keeps it there
+    plan.record("op", SMALL_WORK_BYTES - 1, 1, 0.001)  # measured on one thread: only the size keeps it there
     seen = []
     plan.run("op", SMALL_WORK_BYTES - 1, seen.append)
     plan.run("op", SMALL_WORK_BYTES - 1, seen.append)
@@ -85,50 +88,55 @@ def test_one_thread_machine_is_not_timed():
     assert plan.threads("op", 1 << 30, 1) == 1
 
 
-def test_first_call_of_a_kind_runs_on_one_thread_then_all():
-    clock = FakeClock()
-    plan = ThreadPlanner(clock=clock)
-    assert plan.threads("a", SMALL_WORK_BYTES, 4) == 1
-    plan.record("a", 1, 0.010)
-    assert plan.threads("a", SMALL_WORK_BYTES, 4) == 4
-    assert plan.threads("b", SMALL_WORK_BYTES, 4) == 1, "another kind has not been measured on one thread"
+def test_first_call_of_a_kind_and_size_class_runs_on_one_thread_then_all():
+    plan = ThreadPlanner(clock=FakeClock())
+    assert plan.threads("a", SIZE, 4) == 1
+    plan.record("a", SIZE, 1, 0.010)
+    assert plan.threads("a", SIZE, 4) == 4
+    assert plan.threads("a", 2 * SIZE - 1, 4) == 4, "same size within a factor of 2: measured"
+    assert plan.threads("a", 2 * SIZE, 4) == 1, "another size class has not been measured on one thread"
+    assert plan.threads("b", SIZE, 4) == 1, "another kind has not been measured on one thread"
 
 
 def test_late_call_backs_off_doubles_caps_and_resets():
     clock = FakeClock()
     plan = ThreadPlanner(clock=clock)
     single = 0.004
-    plan.record("a", 1, single)
+    plan.record("a", SIZE, 1, single)
     limit = single * LATE_RATIO + LATE_SECONDS
 
-    plan.record("a", 4, limit)  # on the limit: on time
-    assert plan.threads("a", SMALL_WORK_BYTES, 4) == 4
+    plan.record("a", SIZE, 4, limit)  # on the limit: on time
+    assert plan.threads("a", SIZE, 4) == 4
     assert plan.stats["late"] == 0
 
     expected_backoff = FIRST_BACKOFF_SECONDS
     for _ in range(12):
-        plan.record("a", 4, limit * 1.001)
-        assert plan.threads("a", SMALL_WORK_BYTES, 4) == 1, "a late call must back off"
+        plan.record("a", SIZE, 4, limit * 1.001)
+        assert plan.threads("a", SIZE, 4) == 1, "a late call must back off"
+        assert plan.threads("other kind", 4 * SIZE, 4) == 1, "contention holds for every kind"
         clock.now += expected_backoff * 0.999
-        assert plan.threads("a", SMALL_WORK_BYTES, 4) == 1, "still inside the back-off"
+        assert plan.threads("a", SIZE, 4) == 1, "still inside the back-off"
         clock.now += expected_backoff * 0.002
-        assert plan.threads("a", SMALL_WORK_BYTES, 4) == 4, "the back-off ended: probe all threads"
+        assert plan.threads("a", SIZE, 4) == 4, "the back-off ended: probe all threads"
         expected_backoff = min(2 * expected_backoff, MAX_BACKOFF_SECONDS)
     assert expected_backoff == MAX_BACKOFF_SECONDS, "the loop must have reached the cap"
 
-    plan.record("a", 4, single)  # a probe on time ends the streak
-    plan.record("a", 4, 1.0)
+    plan.record("a", SIZE, 4, single)  # a probe on time ends the streak
+    plan.record("a", SIZE, 4, 1.0)
     clock.now += FIRST_BACKOFF_SECONDS * 1.001
-    assert plan.threads("a", SMALL_WORK_BYTES, 4) == 4, "after an on-time probe the back-off restarts short"
+    assert plan.threads("a", SIZE, 4) == 4, "after an on-time probe the back-off restarts short"
     assert plan.stats["late"] == 13
 
 
-def test_one_thread_calls_keep_the_fastest_time():
+def test_lateness_scales_with_the_bytes_and_uses_the_fastest_one_thread_call():
     plan = ThreadPlanner(clock=FakeClock())
-    plan.record("a", 1, 0.010)
-    plan.record("a", 1, 0.004)
-    plan.record("a", 1, 0.020)
-    plan.record("a", 2, 0.004 * LATE_RATIO + LATE_SECONDS + 1e-6)
+    plan.record("a", SIZE, 1, 0.010)
+    plan.record("a", SIZE, 1, 0.004)
+    plan.record("a", SIZE, 1, 0.020)
+    bigger = SIZE + SIZE // 2  # same size class, 1.5x the bytes
+    plan.record("a", bigger, 2, 0.006 * LATE_RATIO + LATE_SECONDS)
+    assert plan.stats["late"] == 0, "1.5x the bytes may take 1.5x the time"
+    plan.record("a", bigger, 2, 0.006 * LATE_RATIO + LATE_SECONDS + 1e-6)
     assert plan.stats["late"] == 1, "lateness is measured against the fastest one-thread call"
 
 
