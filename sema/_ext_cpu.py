@@ -56,7 +56,7 @@ def ema_update_(ema: Tensor, param: Tensor, w: float | Tensor, switch: bool = Fa
     n = ema.numel()
     ema_ptr, param_ptr = ema.data_ptr(), param.data_ptr()
     nbytes = n * (2 * ema.element_size() + (2 if switch else 1) * param.element_size())
-    if nbytes < SMALL_WORK_BYTES:  # the planner's answer, without its overhead
+    if nbytes < SMALL_WORK_BYTES and not PLANNER.forced:  # the planner's answer, without its overhead
         _C.cpu_ema_update(ema_ptr, param_ptr, n, ema_dtype, param_dtype, weight, bool(switch), 1)
         return
     PLANNER.run(

@@ -104,6 +104,11 @@ class ThreadPlanner:
 
         self.run(key, nbytes, op)
 
+    @property
+    def forced(self) -> bool:
+        """Whether :meth:`all_threads` is in force."""
+        return self._all_threads
+
     @contextmanager
     def all_threads(self) -> Iterator[None]:
         """Inside, every call runs with ``torch.get_num_threads()`` threads, as sema did before this

@@ -252,6 +252,16 @@ def test_cpp_thread_plan(planner, two_threads, monkeypatch, generator, late):
     assert recorder.threads[-1] == 2, "after the back-off the next call probes all threads"
 
 
+@pytest.mark.skipif(not CPP_AVAILABLE, reason=f"backend 'cpp' unavailable: {CPP_REASON}")
+def test_cpp_small_work_takes_all_threads_when_forced(planner, two_threads, monkeypatch, generator):
+    recorder = RecordingExtension(_ext_cpu._C, planner._clock, 0.0)
+    monkeypatch.setattr(_ext_cpu, "_C", recorder)
+    ema, param = update_pair(1000, generator)
+    with planner.all_threads():
+        sema.ops.ema_update_(ema, param, 0.1, backend="cpp")
+    assert recorder.threads == [2], "the cpp tests rely on all_threads() to reach the parallel kernels"
+
+
 # --- bit identity of the new paths with the formulas before the planner --------------------
 
 
