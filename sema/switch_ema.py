@@ -19,6 +19,7 @@ from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from sema import ops
 from sema.buckets import BucketMovedError, FlatBucket, plan_buckets
+from sema.module_view import build_module_view
 from sema.policy import SwitchPolicy
 from sema.schedules import DecaySchedule, copy_updates_of
 from sema.selection import ParamSelection
@@ -211,6 +212,7 @@ class SwitchEMA:
         # A lower bound of the device step, counted by eager updates only (graph replays and
         # compiled calls add to the device step without the host seeing them): once it passes
         # schedule.settled_after, the weight is a cached tensor.
+        self._module: nn.Module | None = None
         self._updates_seen = 0
         self._traced_updates = False  # whether _updates_seen may miss some (compiled, captured)
         self._horizon = HorizonCheck()
@@ -285,6 +287,22 @@ class SwitchEMA:
     @property
     def num_skipped(self) -> int:
         return self.policy.num_skipped
+
+    def as_module(self, index: int = 0) -> nn.Module:
+        """An ``nn.Module`` of the model's structure whose params are views of EMA ``index``
+        (no copy of the weights; it follows every update), in eval mode with
+        ``requires_grad=False``; see :mod:`sema.module_view`. Each call builds a new one; use
+        :attr:`module` for a cached one."""
+        if isinstance(index, bool) or index != 0:
+            raise IndexError(f"SwitchEMA.as_module: index={index!r}, but this SwitchEMA keeps one EMA (index 0)")
+        return build_module_view(self)
+
+    @property
+    def module(self) -> nn.Module:
+        """``as_module(0)``, built on first use and cached: the EMA as a callable teacher network."""
+        if self._module is None:
+            self._module = self.as_module(0)
+        return self._module
 
     # --- the hot path ------------------------------------------------------------------------
 
