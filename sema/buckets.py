@@ -68,7 +68,8 @@ class FlatBucket:
         """Names of the params that are no longer views of this bucket's storage at their offsets
         with their shapes (empty when all are). A change that keeps the storage and the offsets is
         no move: ``share_memory_()`` puts the whole storage in shared memory in place, which
-        changes every data pointer, so the pointers are re-read from the bucket's base then."""
+        changes every data pointer, so the pointers are re-read from the bucket's base then. An
+        empty param holds no memory (its data pointer is 0): only its shape is checked."""
         base = self.param_flat.data_ptr()
         ptrs = tuple(map(Tensor.data_ptr, self.params))
         if base == self.base_ptr and ptrs == self.data_ptrs:
@@ -77,10 +78,10 @@ class FlatBucket:
         start = base - self.param_flat.storage_offset() * size
         moved = [
             name
-            for name, p, ptr, offset, layout in zip(
-                self.names, self.params, ptrs, self.offsets, self.shapes, strict=True
+            for name, p, ptr, offset, numel, layout in zip(
+                self.names, self.params, ptrs, self.offsets, self.numels, self.shapes, strict=True
             )
-            if ptr != start + offset * size or (p.shape, p.stride()) != layout
+            if ptr != (start + offset * size if numel else 0) or (p.shape, p.stride()) != layout
         ]
         if not moved:
             self.base_ptr, self.data_ptrs = base, ptrs
@@ -143,13 +144,15 @@ def check_aliasing(
                 start = t.data_ptr()
                 entries.append(((t.device.type, t.device.index or 0), start, start + _extent(t), tracked, name, t))
     entries.sort(key=lambda e: (e[0], e[1], -e[2]))
-    clusters: list[list[tuple]] = []
+    clusters: list[list[tuple]] = []  # runs of spans that overlap, each start below the run's end
+    end = 0
     for entry in entries:
-        last = clusters[-1] if clusters else None
-        if last is not None and last[0][0] == entry[0] and entry[1] < max(e[2] for e in last):
-            last.append(entry)
+        if clusters and clusters[-1][0][0] == entry[0] and entry[1] < end:
+            clusters[-1].append(entry)
+            end = max(end, entry[2])
         else:
             clusters.append([entry])
+            end = entry[2]
     ties = []
     for cluster in clusters:
         if len(cluster) < 2:

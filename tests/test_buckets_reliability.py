@@ -181,10 +181,11 @@ def test_bucket_of_shared_params_is_shared_and_a_child_write_shows_in_the_parent
 def test_share_memory_after_building_is_not_a_move(backend):
     torch.manual_seed(1)
     model = nn.Sequential(nn.Linear(5, 7), nn.Linear(7, 3))
+    model.register_parameter("empty", nn.Parameter(torch.empty(0, 3)))  # data_ptr() 0: no memory
     ema = sema.SwitchEMA(model, decay=0.5, switch_every=None, backend=backend)
     old_ptrs = [p.data_ptr() for p in model.parameters()]
     model.share_memory()
-    assert all(p.is_shared() for p in model.parameters())
+    assert all(p.is_shared() for p in model.parameters() if p.numel())
     assert [p.data_ptr() for p in model.parameters()] != old_ptrs  # a new storage, same offsets
     with torch.no_grad():
         for p in model.parameters():
@@ -192,12 +193,16 @@ def test_share_memory_after_building_is_not_a_move(backend):
     expected = {
         n: torch.lerp(e, p.detach(), 0.5) for (n, p), e in zip(model.named_parameters(), _emas(ema), strict=True)
     }
+    assert ema.buckets[0].moved() == []
     ema.update()
     for name, value in ema.state_dict()["ema"].items():
         assert_bits_equal(value, expected[name], f"EMA {name} after share_memory()")
+    ema.switch()  # checks every param, always
+    for name, p in model.named_parameters():
+        assert_bits_equal(p.detach(), expected[name], f"{name} after the switch")
     model[0].weight.data = model[0].weight.data.clone()  # a real move is still one
     with pytest.raises(sema.BucketMovedError, match=r"0\.weight"):
-        ema.update()
+        ema.switch()
 
 
 def _emas(ema: sema.SwitchEMA) -> list[torch.Tensor]:
