@@ -7,11 +7,12 @@ just before a block's fence (blank lines aside) may hold one marker:
     <!-- doc-test: syntax-only (REASON) -->      compile only; the reason is required (CUDA,
                                                  torchrun, a peer library not installed, ...)
 
-A block without a marker runs as it is. A block that fails, an unknown marker, a syntax-only
-marker without a reason, or a python block in a file this test does not read fails the test.
-The ``tiny`` prelude stands in for the reader's own things: ``model`` (a small MLP with a
-BatchNorm), ``build_model()`` (another one), ``loader`` (four batches), ``loss_fn``, ``epochs``,
-``evaluate(model)`` (accuracy on one batch, no grad) and ``train_one_epoch(model, optimizer)``.
+A block without a marker runs as it is. A block that fails or warns (a doc example that warns
+is a bad example; a block that shows a warning catches it), an unknown marker, or a syntax-only
+marker without a reason fails the test. The ``tiny`` prelude stands in for the reader's own
+things: ``model`` (a small MLP with a BatchNorm), ``build_model()`` (another one), ``loader``
+(40 small batches), ``loss_fn``, ``epochs``, ``evaluate(model)`` (accuracy on one batch, no
+grad) and ``train_one_epoch(model, optimizer)``.
 
 Also checked: relative Markdown links and backticked repository paths point at files that exist,
 so a moved result file or a renamed script breaks CI too.
@@ -22,11 +23,13 @@ from __future__ import annotations
 import contextlib
 import re
 import signal
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 DOC_FILES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
@@ -46,7 +49,8 @@ def build_model() -> nn.Module:
 
 
 model = build_model()
-loader = [(torch.randn(16, 8), torch.randint(0, 4, (16,))) for _ in range(4)]
+# 40 steps per epoch: long enough for decay=0.99 (SwitchHorizonWarning below 0.3 / (1 - decay) steps).
+loader = [(torch.randn(16, 8), torch.randint(0, 4, (16,))) for _ in range(40)]
 loss_fn = nn.functional.cross_entropy
 epochs = 2
 
@@ -155,10 +159,18 @@ def run_block(block: Block, code: str | None = None) -> None:
     if kind == "syntax":
         return
     namespace: dict[str, object] = {"__name__": "__doc_test__"}
-    with time_limit(TIME_LIMIT_S, block.id):
-        if detail:
-            exec(compile(PRELUDES[detail], f"<prelude {detail}>", "exec"), namespace)
-        exec(compiled, namespace)
+    threads = torch.get_num_threads()
+    # The blocks' tensors are tiny; on a busy machine every 2-thread region would wait for its
+    # second thread (tens of seconds per block instead of a fraction of one).
+    torch.set_num_threads(1)
+    try:
+        with time_limit(TIME_LIMIT_S, block.id), warnings.catch_warnings():
+            warnings.simplefilter("error")
+            if detail:
+                exec(compile(PRELUDES[detail], f"<prelude {detail}>", "exec"), namespace)
+            exec(compiled, namespace)
+    finally:
+        torch.set_num_threads(threads)
 
 
 BLOCKS = python_blocks()
