@@ -20,10 +20,12 @@ def _pack(ema, param, RESTORE: tl.constexpr):
     (both uint32). Returns the new EMA and param bits; the param's upper 16 bits are dropped."""
     low = ema & 0xFFFF
     carry = low >> 15  # low half >= 0x8000: round half away from zero
+    # The halves do not overlap, so + stands for | (ptxas gives it fewer registers); a borrow past
+    # bit 31 wraps in uint32, which is the mod 2**16 of the high half.
     if RESTORE:  # ema holds [param | lo16], param holds hi16 + carry (mod 2**16)
-        return ((param - carry) << 16) | low, ema >> 16
+        return (param << 16) - (carry << 16) + low, ema >> 16
     else:
-        return (param << 16) | low, (ema >> 16) + carry
+        return (param << 16) + low, (ema >> 16) + carry
 
 
 @triton.jit
