@@ -12,7 +12,9 @@ it was put?". It knows nothing of decays or when to switch: ``SwitchEMA`` hands 
 
 from __future__ import annotations
 
+import dataclasses
 import operator
+import weakref
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
@@ -20,7 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from sema import ops
-from sema.buckets import FlatBucket, build_bucket, plan_buckets
+from sema.buckets import FlatBucket, _empty, build_buckets, plan_buckets
 
 try:
     from torch.distributed.tensor import DTensor
@@ -28,6 +30,35 @@ except ImportError:  # a torch built without distributed
     DTensor = None
 
 _storage_use_count = getattr(torch._C, "_storage_Use_Count", None)
+
+# id(param) -> a live bucket that holds it (the bucket keeps the param alive, so the id is not
+# reused while the entry exists): how a second SwitchEMA of one model finds the first one's buckets.
+_LIVE_BUCKETS: weakref.WeakValueDictionary[int, FlatBucket] = weakref.WeakValueDictionary()
+
+# Param storages (by address) held by a SwitchEMA inside swapped(): every SwitchEMA over the same
+# params refuses to update, switch or swap until that block ends.
+ACTIVE_SWAPS: dict[int, object] = {}
+
+
+def _bucket_holding(p: Tensor) -> FlatBucket | None:
+    bucket = _LIVE_BUCKETS.get(id(p))
+    if bucket is None:
+        return None
+    for q, name in zip(bucket.params, bucket.names, strict=True):
+        if q is p:
+            return None if name in bucket.moved() else bucket
+    return None
+
+
+def _share_bucket(bucket: FlatBucket, ours: Sequence[tuple[str, nn.Parameter]], ema_dtype: torch.dtype) -> FlatBucket:
+    """``bucket``'s params and param buffer, under our names, with a new EMA buffer initialised
+    to the params: a second EMA of the same params, still one launch per bucket."""
+    name_of = {id(p): n for n, p in ours}
+    ema_flat = _empty(bucket.param_flat.numel(), ema_dtype, bucket.device)
+    with torch.no_grad():
+        ema_flat.copy_(bucket.param_flat)
+    return dataclasses.replace(bucket, ema_flat=ema_flat, names=[name_of[id(p)] for p in bucket.params])
+
 
 # Bumped by a global hook whenever any module registers a parameter (setattr of a Parameter,
 # register_parameter, load_state_dict(assign=True)): the only ways a module slot gets a new
@@ -143,22 +174,59 @@ class EMAStorage:
         self._copy_only: set[int] = set()  # ids of the buckets and groups that copy
         averaged = [(n, p) for n, p in named if n not in copy_only]
         copied = [(n, p) for n, p in named if n in copy_only]
+        fresh: list[tuple[torch.device, torch.dtype, list, torch.dtype, bool]] = []
+        shared: list[tuple[FlatBucket, list, torch.dtype, bool]] = []
+        grouped: list[tuple[torch.device, torch.dtype, list, torch.dtype, bool]] = []
         for members_of, copies in ((averaged, False), (copied, True)):
             for (device, dtype), members in plan_buckets(members_of).items():
                 target = dtype if ema_dtype is None else ema_dtype
                 # DTensor params (FSDP2 shards) cannot be re-pointed into a bucket: they always
                 # use the multi-tensor mode, on their local shards, with no communication.
-                if flatten and not any(is_dtensor(p) for _, p in members):
-                    self.buckets.append(build_bucket(device, dtype, members, target))
-                    holder: object = self.buckets[-1]
-                else:
-                    self.tensor_groups.append(_build_group(device, dtype, members, target))
-                    holder = self.tensor_groups[-1]
-                if copies:
-                    self._copy_only.add(id(holder))
+                if not flatten or any(is_dtensor(p) for _, p in members):
+                    grouped.append((device, dtype, members, target, copies))
+                    continue
+                # Params another SwitchEMA already bucketed stay where they are: a bucket whose
+                # params are all ours is shared (its param buffer, with an EMA buffer of our own);
+                # part of a bucket becomes a tensor group. The rest get buckets of their own.
+                outside, inside = [], {}
+                for name, p in members:
+                    bucket = _bucket_holding(p)
+                    if bucket is None:
+                        outside.append((name, p))
+                    else:
+                        inside.setdefault(id(bucket), (bucket, []))[1].append((name, p))
+                for bucket, ours in inside.values():
+                    if {id(p) for _, p in ours} == {id(p) for p in bucket.params}:
+                        shared.append((bucket, ours, target, copies))
+                    else:
+                        grouped.append((device, dtype, ours, target, copies))
+                if outside:
+                    fresh.append((device, dtype, outside, target, copies))
+        # All or nothing: if a bucket cannot be built, no param is left re-pointed.
+        built = build_buckets([(device, dtype, members, target) for device, dtype, members, target, _ in fresh])
+        for bucket, (*_, copies) in zip(built, fresh, strict=True):
+            self._add_bucket(bucket, copies)
+        for bucket, ours, target, copies in shared:
+            self._add_bucket(_share_bucket(bucket, ours, target), copies)
+        for device, dtype, members, target, copies in grouped:
+            self.tensor_groups.append(_build_group(device, dtype, members, target))
+            if copies:
+                self._copy_only.add(id(self.tensor_groups[-1]))
         self._bucket_storages = [b.param_flat.untyped_storage() for b in self.buckets]
         self._use_counts: tuple[int, ...] | None = None
         self.remember_placement()
+
+    def _add_bucket(self, bucket: FlatBucket, copies: bool) -> None:
+        self.buckets.append(bucket)
+        if copies:
+            self._copy_only.add(id(bucket))
+        for p in bucket.params:
+            _LIVE_BUCKETS[id(p)] = bucket
+
+    def param_storages(self) -> set[int]:
+        """The storages the tracked params live in (by address): what a swap writes."""
+        keys = {b.param_flat.untyped_storage().data_ptr() for b in self.buckets}
+        return keys | {v.untyped_storage().data_ptr() for g in self.tensor_groups for v in g.views}
 
     def named_emas(self) -> Iterator[tuple[str, nn.Parameter, Tensor]]:
         """(param name, param, its EMA shaped like the param's local tensor), in model order per group."""

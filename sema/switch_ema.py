@@ -24,6 +24,7 @@ from sema.policy import SwitchPolicy
 from sema.schedules import DecaySchedule, copy_updates_of
 from sema.selection import ParamSelection
 from sema.storage import (
+    ACTIVE_SWAPS,
     EMAStorage,
     ModelSlots,
     TensorGroup,
@@ -431,13 +432,17 @@ class SwitchEMA:
         undo: list[Callable[[], None]] = []
         versions: list[int] | None = None
         guard = register_optimizer_step_pre_hook(self._refuse_step_inside_swapped)
+        held = self.storage.param_storages()
         try:
             self.storage.swap_in(undo)
             self.tracked_buffers.swap_in(undo)
             versions = [t._version for _, t, _ in counters]
             self._swapped_active = True
+            ACTIVE_SWAPS.update(dict.fromkeys(held, self))
             yield self.model
         finally:
+            for key in held:
+                ACTIVE_SWAPS.pop(key, None)
             self._swapped_active = False
             guard.remove()
             written = [] if versions is None else _written(counters, versions)
@@ -464,6 +469,11 @@ class SwitchEMA:
             raise RuntimeError(
                 f"SwitchEMA.{where}() called inside swapped(): the model holds the EMA there; "
                 "call it after the with-block"
+            )
+        if ACTIVE_SWAPS and not self.storage.param_storages().isdisjoint(ACTIVE_SWAPS):
+            raise RuntimeError(
+                f"SwitchEMA.{where}() while another SwitchEMA of these params is inside swapped(): the params hold "
+                "that EMA there; call it after that with-block"
             )
         if hot:
             self._hot_checks += 1
@@ -753,7 +763,7 @@ class HorizonCheck:
             f"SwitchEMA: the EMA spans about {1.0 / measure:.1f} epochs ({per_epoch:.0f} updates per epoch x "
             f"(1 - {per_update:.6g}) = {measure:.3g} <= {HORIZON_THRESHOLD}). The project's study "
             "(bench/effectiveness) found that switching such an EMA into the model hurts (down to -4.5 points): it "
-            "pulls training back to weights that are too old. Use a smaller decay (at most "
+            "pulls training back to weights that are too old. Use a smaller decay (below "
             f"{suggestion:.4g} for this epoch length) or switch_every=None for a plain EMA. Silence with "
             "warnings.filterwarnings('ignore', category=sema.SwitchHorizonWarning).",
             SwitchHorizonWarning,
