@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml setup.py
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet "torch==$(TORCH_VERSION)" "triton==$(TRITON_VERSION)" numpy "pytest>=8" "ruff==0.14.0" \
 		"scikit-learn==$(SKLEARN_VERSION)" "setuptools>=69" wheel "pybind11>=2.12" \
-		"lightning==$(LIGHTNING_VERSION)" "transformers==$(TRANSFORMERS_VERSION)" "accelerate==$(ACCELERATE_VERSION)"
+		"lightning==$(LIGHTNING_VERSION)" "transformers==$(TRANSFORMERS_VERSION)" "accelerate==$(ACCELERATE_VERSION)" "peft==0.21.2"
 	touch $(STAMP)
 
 # Builds the optional extension in place (setup.py prints why it skips a part).

@@ -235,3 +235,126 @@ def test_bad_arguments_raise_when_the_callback_is_made():
         SwitchEMACallback(validate_on="best")
     with pytest.raises(TypeError, match="SwitchEMA takes"):
         SwitchEMACallback(decay_rate=0.9)
+
+
+class LiveWeightsAtEnd(transformers.TrainerCallback):
+    """Placed before SwitchEMACallback: the live params when training ends, before any switch."""
+
+    def __init__(self) -> None:
+        self.live: dict[str, torch.Tensor] = {}
+
+    def on_train_end(self, args, state, control, model=None, **kwargs):
+        self.live = params_of(model)
+
+
+def saved_weights(folder) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(os.path.join(folder, "model.safetensors"))
+
+
+def assert_weights(got: dict[str, torch.Tensor], expected: dict[str, torch.Tensor], where: str) -> None:
+    assert sorted(got) == sorted(expected), where
+    for n, t in got.items():
+        assert_bits_equal(t.reshape(-1), expected[n].reshape(-1), f"{where}: {n}")
+
+
+@pytest.mark.parametrize("switch_at_end", [True, False])
+def test_save_model_after_training_writes_the_weights_asked_for(tmp_path, switch_at_end):
+    model = tiny_bert(seed=0)
+    probe = LiveWeightsAtEnd()
+    callback = SwitchEMACallback(decay=DECAY, switch_every=None, switch_at_end=switch_at_end)
+    trainer = make_trainer(tmp_path, model, [probe, callback], eval_strategy="no")
+    trainer.train()
+    trainer.save_model(str(tmp_path / "final"))
+    averaged = callback.ema.averaged_state_dict()
+    ema = {n: averaged[n] for n in probe.live}
+    assert all(not torch.equal(ema[n], probe.live[n]) for n in ema), "the test needs the EMA and the live weights apart"
+    saved = saved_weights(tmp_path / "final")
+    expected = ema if switch_at_end else probe.live
+    assert_weights({n: saved[n] for n in expected}, expected, "saved model")
+    assert_weights(params_of(model), expected, "model after train()")
+
+
+def test_switch_at_end_with_load_best_model_at_end_switches_the_best_checkpoints_ema(tmp_path):
+    model = tiny_bert(seed=0)
+    callback = SwitchEMACallback(decay=DECAY, switch_every=None, switch_at_end=True)
+    trainer = make_trainer(
+        tmp_path,
+        model,
+        [callback],
+        save_strategy="epoch",
+        load_best_model_at_end=True,
+        metric_for_best_model="order",
+        greater_is_better=False,
+    )
+    evaluations = iter([0.0, 1.0])  # the first epoch's checkpoint is the best: an earlier one
+    trainer.compute_metrics = lambda prediction: {"order": next(evaluations)}
+    trainer.train()
+    best = trainer.state.best_model_checkpoint
+    assert best is not None and best.endswith(f"checkpoint-{STEPS_PER_EPOCH}"), best
+    best_ema = torch.load(os.path.join(best, EMA_STATE_NAME), weights_only=True)["ema"]["ema"]
+    final_ema = torch.load(tmp_path / f"checkpoint-{2 * STEPS_PER_EPOCH}" / EMA_STATE_NAME, weights_only=True)["ema"][
+        "ema"
+    ]
+    best_live = saved_weights(best)
+    assert all(not torch.equal(best_ema[n], final_ema[n]) for n in best_ema), "the test needs two different EMAs"
+    assert all(not torch.equal(best_ema[n], best_live[n]) for n in best_ema), "and the EMA apart from the live weights"
+    assert_weights(params_of(model), best_ema, "model after train()")
+    assert callback.ema.step == STEPS_PER_EPOCH  # the EMA state is that of the best checkpoint
+
+
+def test_migration_arguments_pass_through_the_callback(tmp_path):
+    # warmup="inverse": decay min(DECAY, (1 + n) / (10 + n)) at the n-th update; exclude: biases are not averaged.
+    model = tiny_bert(seed=0)
+    callback = SwitchEMACallback(decay=DECAY, switch_every=None, warmup="inverse", exclude="*.bias")
+    history: list[dict[str, torch.Tensor]] = []
+
+    class Recorder(transformers.TrainerCallback):
+        def on_step_end(self, args, state, control, model=None, **kwargs):
+            history.append(params_of(model))
+
+    initial = params_of(model)
+    make_trainer(tmp_path, model, [callback, Recorder()], eval_strategy="no").train()
+    emas = emas_of(callback)
+    weights = sorted(n for n in initial if not n.endswith(".bias"))
+    assert sorted(emas) == weights and len(history) == callback.ema.step == 2 * STEPS_PER_EPOCH
+    for n in weights:
+        reference = initial[n].clone()
+        for count, params in enumerate(history, start=1):
+            reference.lerp_(params[n], 1.0 - min(DECAY, (1 + count) / (10 + count)))
+        torch.testing.assert_close(emas[n], reference, **TOLERANCE, msg=f"EMA of {n}")
+
+
+def test_peft_lora_params_are_averaged_evaluated_and_saved(tmp_path):
+    peft = pytest.importorskip("peft", reason="peft is not installed (pip install peft)")
+    config = peft.LoraConfig(r=2, lora_alpha=4, target_modules=["query", "value"], init_lora_weights=False)
+    model = peft.get_peft_model(tiny_bert(seed=0), config)
+    lora = sorted(n for n, p in model.named_parameters() if p.requires_grad)
+    assert lora and all(".lora_A." in n or ".lora_B." in n for n in lora)
+    frozen = {n: p for n, p in params_of(model).items() if n not in lora}
+
+    callback = SwitchEMACallback(decay=DECAY, switch_every=None, switch_at_end=True)
+    oracle = EmaOracle(callback)
+    oracle.on_epoch_end = lambda *args, **kwargs: None  # no switches here; the EMA is checked below
+    probe = EvaluationProbe()
+    trainer = make_trainer(tmp_path, model, [callback, oracle, probe], label_names=["labels"])
+    trainer.train()
+
+    emas = emas_of(callback)
+    assert sorted(emas) == lora  # only the trainable (LoRA) params are averaged
+    for n in lora:
+        torch.testing.assert_close(emas[n], oracle.reference[n], **TOLERANCE, msg=f"EMA of {n}")
+        assert not torch.equal(emas[n], probe.before[n]), "the test needs the EMA and the live weights apart"
+    # The last evaluation (end of epoch 2, after the last update) saw the EMA, the live weights came back.
+    assert_weights({n: probe.inside[n] for n in lora}, emas, "LoRA params inside evaluation")
+    assert_weights({n: probe.after[n] for n in lora}, {n: probe.before[n] for n in lora}, "after evaluation")
+    assert_weights({n: p for n, p in params_of(model).items() if n not in lora}, frozen, "frozen params")
+
+    trainer.save_model(str(tmp_path / "adapter"))
+    from safetensors.torch import load_file
+
+    saved = load_file(tmp_path / "adapter" / "adapter_model.safetensors")
+    expected = peft.get_peft_model_state_dict(model, state_dict=callback.ema.averaged_state_dict())
+    assert len(saved) == len(lora)
+    assert_weights(saved, expected, "saved adapter")

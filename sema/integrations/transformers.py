@@ -23,7 +23,11 @@ What happens when (the ``TrainerCallback`` events):
 - ``on_save``: the EMA state goes to ``<checkpoint>/sema_switch_ema.pt`` (by the processes that
   write checkpoints, ``args.should_save``).
 - ``on_train_end`` with ``switch_at_end=True``: ``ema.switch()``, so the model holds the EMA when
-  ``train()`` returns.
+  ``train()`` returns and ``trainer.save_model()`` writes the averaged model (for a ``PeftModel``,
+  the averaged adapter). With ``load_best_model_at_end=True`` the trainer has just loaded the best
+  checkpoint's live weights: the EMA saved beside that checkpoint is loaded and switched in. The
+  live weights at the end are not kept in memory; the checkpoints written during training hold
+  them (with the EMA state beside them, so resuming from one stays bit-identical).
 
 Resuming: the callback does not see the path given to ``trainer.train(resume_from_checkpoint=...)``.
 It takes the EMA state from ``resume_from_checkpoint`` given to the callback, else from
@@ -58,6 +62,20 @@ STATE_FORMAT = "sema.integrations.transformers.SwitchEMACallback"
 __all__ = ["EMA_STATE_NAME", "SwitchEMACallback"]
 
 
+def _read_saved_state(folder: str | os.PathLike[str], global_step: int | None) -> tuple[dict[str, Any] | None, str]:
+    """The EMA state this callback saved in checkpoint ``folder``, or ``None`` and why not (a
+    missing file, another format, or a state saved at another step than ``global_step``)."""
+    path = os.path.join(os.fspath(folder), EMA_STATE_NAME)
+    if not os.path.isfile(path):
+        return None, f"{path} (missing)"
+    saved = torch.load(path, map_location="cpu", weights_only=True)
+    if saved.get("format") != STATE_FORMAT:
+        return None, f"{path} (not written by this callback)"
+    if global_step is not None and saved.get("global_step") != global_step:
+        return None, f"{path} (saved at global step {saved.get('global_step')})"
+    return saved["ema"], ""
+
+
 class SwitchEMACallback(TrainerCallback):
     """Switch EMA for ``transformers.Trainer``: update after every optimizer step, switch at the
     end of every epoch, evaluate on the EMA, save and resume the EMA state with checkpoints.
@@ -65,7 +83,9 @@ class SwitchEMACallback(TrainerCallback):
     Args:
         decay: the EMA decay, as for :class:`sema.SwitchEMA`.
         validate_on: ``"ema"`` (evaluation during training sees the EMA weights) or ``"live"``.
-        switch_at_end: switch the EMA into the model when training ends.
+        switch_at_end: switch the EMA into the model when training ends (that of the best
+            checkpoint with ``load_best_model_at_end=True``), so ``trainer.save_model()`` writes
+            the averaged weights. The live weights are then only in the training checkpoints.
         resume_from_checkpoint: the checkpoint folder to take the EMA state from when training
             resumes, where it is not ``<output_dir>/checkpoint-<step>`` (see the module doc).
         **ema_kwargs: every other :class:`sema.SwitchEMA` argument (``warmup``, ``switch_every``,
@@ -126,17 +146,10 @@ class SwitchEMACallback(TrainerCallback):
         for folder in candidates:
             if folder is None:
                 continue
-            path = os.path.join(os.fspath(folder), EMA_STATE_NAME)
-            if not os.path.isfile(path):
-                tried.append(f"{path} (missing)")
-                continue
-            saved = torch.load(path, map_location="cpu", weights_only=True)
-            if saved.get("format") != STATE_FORMAT:
-                tried.append(f"{path} (not written by this callback)")
-            elif saved.get("global_step") != state.global_step:
-                tried.append(f"{path} (saved at global step {saved.get('global_step')})")
-            else:
-                return saved["ema"]
+            saved, problem = _read_saved_state(folder, state.global_step)
+            if saved is not None:
+                return saved
+            tried.append(problem)
         raise FileNotFoundError(
             f"SwitchEMACallback: training resumes at global step {state.global_step} but no EMA state of that "
             f"step was found; tried: {'; '.join(tried)}. Pass the checkpoint folder as "
@@ -176,8 +189,20 @@ class SwitchEMACallback(TrainerCallback):
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
     ) -> None:
         self._end_evaluation_swap()
-        if self.switch_at_end:
-            self.ema.switch()
+        if not self.switch_at_end:
+            return
+        best = state.best_model_checkpoint
+        if args.load_best_model_at_end and best is not None:
+            # The trainer has loaded the best checkpoint's live weights; its EMA goes with them.
+            step = os.path.basename(os.path.normpath(best)).rsplit("-", 1)[-1]
+            saved, problem = _read_saved_state(best, int(step) if step.isdigit() else None)
+            if saved is None:
+                raise FileNotFoundError(
+                    f"SwitchEMACallback(switch_at_end=True): the trainer loaded the best checkpoint {best} but its "
+                    f"EMA state cannot be used: {problem}; the model keeps that checkpoint's live weights"
+                )
+            self.ema.load_state_dict(saved)
+        self.ema.switch()
 
     # --- evaluation ------------------------------------------------------------------------
 
