@@ -419,17 +419,22 @@ def test_checkpoint_weights_decide_what_load_from_checkpoint_gives(tmp_path, che
 
 
 @requires_lightning
-@pytest.mark.parametrize("checkpoint_weights", ["ema", "live"])
-def test_resume_is_bit_identical_with_either_checkpoint_weights(tmp_path, checkpoint_weights):
+@pytest.mark.parametrize(
+    "checkpoint_weights, precision", [("ema", "32-true"), ("live", "32-true"), ("ema", "bf16-true")]
+)
+def test_resume_is_bit_identical_with_either_checkpoint_weights(tmp_path, checkpoint_weights, precision):
     train, val = loaders()
     settings = dict(decay=DECAY, switch_every=None, checkpoint_weights=checkpoint_weights)
 
     reference_model = TinyRegressor(seed=0)
     reference = SwitchEMACallback(**settings)
-    make_trainer(tmp_path / "a", [reference]).fit(reference_model, train, val)
+    make_trainer(tmp_path / "a", [reference], precision=precision).fit(reference_model, train, val)
 
     killed = make_trainer(
-        tmp_path / "b", [SwitchEMACallback(**settings), CrashAt(epoch=2, batch=2)], checkpoint_dir=tmp_path / "ckpt"
+        tmp_path / "b",
+        [SwitchEMACallback(**settings), CrashAt(epoch=2, batch=2)],
+        checkpoint_dir=tmp_path / "ckpt",
+        precision=precision,
     )
     with pytest.raises(RuntimeError, match="simulated crash"):
         killed.fit(TinyRegressor(seed=0), train, val)
@@ -439,9 +444,10 @@ def test_resume_is_bit_identical_with_either_checkpoint_weights(tmp_path, checkp
 
     resumed_model = TinyRegressor(seed=1)
     resumed = SwitchEMACallback(**settings)
-    trainer = make_trainer(tmp_path / "c", [resumed])
+    trainer = make_trainer(tmp_path / "c", [resumed], precision=precision)
     trainer.fit(resumed_model, train, val, ckpt_path=checkpoint)
 
+    assert all(p.dtype == saved["state_dict"][n].dtype for n, p in resumed_model.named_parameters())
     assert trainer.global_step == 18 and resumed.ema.step == 18
     assert_weights(params_of(resumed_model), params_of(reference_model), "params")
     assert_weights(emas_of(resumed), emas_of(reference), "EMA")
