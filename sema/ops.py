@@ -23,22 +23,45 @@ from sema import backends
 PARAM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
-def _check_pair(op: str, ema: Tensor, param: Tensor) -> None:
-    for arg, t in (("ema", ema), ("param", param)):
-        if not isinstance(t, Tensor):
-            raise TypeError(f"sema.ops.{op}: {arg} must be a torch.Tensor, got {type(t).__name__}")
+def _check_tensor(op: str, arg: str, t: object, flat: bool) -> None:
+    """``t`` is a plain strided tensor a kernel may address directly: 1-D contiguous (``flat``)
+    or dense in any memory format."""
+    if not isinstance(t, Tensor):
+        raise TypeError(f"sema.ops.{op}: {arg} must be a torch.Tensor, got {type(t).__name__}")
+    if t.layout != torch.strided:
+        raise ValueError(f"sema.ops.{op}: {arg} has layout {t.layout}; only dense strided tensors are supported")
+    if t.is_neg() or t.is_conj():
+        raise ValueError(
+            f"sema.ops.{op}: {arg} is a lazily negated or conjugated view whose memory does not hold its values; "
+            "call .resolve_neg() / .resolve_conj() on it first"
+        )
+    if flat:
         if t.dim() != 1 or not t.is_contiguous():
             raise ValueError(
                 f"sema.ops.{op}: {arg} must be a 1-D contiguous tensor (a flat bucket), got shape "
                 f"{tuple(t.shape)} with strides {t.stride()}; pass t.view(-1) of a contiguous tensor"
             )
+    elif not _is_dense(t):
+        raise ValueError(
+            f"sema.ops.{op}: {arg} of shape {tuple(t.shape)} with strides {t.stride()} is not dense (it has "
+            "gaps or overlaps itself); call .contiguous() on it first"
+        )
+
+
+def _check_dtypes(op: str, ema: Tensor, param: Tensor, where: str = "") -> None:
     if param.dtype not in PARAM_DTYPES:
-        raise TypeError(f"sema.ops.{op}: param dtype {param.dtype} is not supported; use fp32, bf16 or fp16")
+        raise TypeError(f"sema.ops.{op}: {where}param dtype {param.dtype} is not supported; use fp32, bf16 or fp16")
     if ema.dtype not in (torch.float32, param.dtype):
         raise TypeError(
-            f"sema.ops.{op}: ema dtype {ema.dtype} does not fit param dtype {param.dtype}; "
+            f"sema.ops.{op}: {where}ema dtype {ema.dtype} does not fit param dtype {param.dtype}; "
             f"the EMA must be float32 or {param.dtype}"
         )
+
+
+def _check_pair(op: str, ema: Tensor, param: Tensor) -> None:
+    _check_tensor(op, "ema", ema, flat=True)
+    _check_tensor(op, "param", param, flat=True)
+    _check_dtypes(op, ema, param)
     if ema.device != param.device:
         raise ValueError(f"sema.ops.{op}: ema is on {ema.device} but param is on {param.device}; move one")
     if ema.numel() != param.numel():
@@ -48,20 +71,39 @@ def _check_pair(op: str, ema: Tensor, param: Tensor) -> None:
 
 
 def _overlap(a: Tensor, b: Tensor) -> bool:
-    if a.numel() == 0 or b.numel() == 0 or a.device != b.device:
-        return False
+    if a.numel() == 0 or b.numel() == 0 or a.device != b.device or a.device.type == "meta":
+        return False  # meta tensors have no memory (every data_ptr() is 0)
     a0, b0 = a.data_ptr(), b.data_ptr()
     a1, b1 = a0 + a.numel() * a.element_size(), b0 + b.numel() * b.element_size()
     return a0 < b1 and b0 < a1
 
 
-def _check_weight(op: str, w: float | Tensor, device: torch.device) -> float | Tensor:
+def _check_disjoint(op: str, named: Sequence[tuple[str, Tensor]]) -> None:
+    """No two of the dense tensors ``named`` (all on one device) share a byte. Sorted by address,
+    so that only neighbours need comparing: O(n log n) for any number of tensors."""
+    spans = sorted(
+        (t.data_ptr(), t.data_ptr() + t.numel() * t.element_size(), name)
+        for name, t in named
+        if t.numel() and t.device.type != "meta"  # no memory: every data_ptr() is 0
+    )
+    end, owner = 0, ""
+    for start, stop, name in spans:
+        if start < end:
+            raise ValueError(
+                f"sema.ops.{op}: {owner} and {name} share memory; every EMA and every param must be a separate "
+                "buffer (an update would read values it has just written)"
+            )
+        if stop > end:
+            end, owner = stop, name
+
+
+def _check_weight(op: str, w: float | Tensor, device: torch.device | None) -> float | Tensor:
     if isinstance(w, Tensor):
-        if w.dim() != 0 or not w.is_floating_point():
+        if w.layout != torch.strided or w.dim() != 0 or not w.is_floating_point():
             raise ValueError(
                 f"sema.ops.{op}: w as a tensor must be a 0-d floating tensor, got {w.dtype} {tuple(w.shape)}"
             )
-        if w.device != device:
+        if device is not None and w.device != device:
             raise ValueError(
                 f"sema.ops.{op}: w is on {w.device} but the tensors are on {device}; "
                 "keep w on the bucket's device so the update needs no host sync"
@@ -73,6 +115,31 @@ def _check_weight(op: str, w: float | Tensor, device: torch.device) -> float | T
     if not 0.0 <= w <= 1.0:  # also rejects NaN
         raise ValueError(f"sema.ops.{op}: w={w} is outside [0, 1]; w = 1 - decay")
     return w
+
+
+def _check_flag(op: str, name: str, value: object) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"sema.ops.{op}: {name} must be True or False, got {value!r}")
+    return value
+
+
+def check_dense(named: Sequence[tuple[str, Tensor]], where: str) -> None:
+    """Refuse params the multi-tensor mode cannot address (``SwitchEMA(flatten=False)`` and
+    DTensor shards keep params where they are): sparse or other layouts, and strided tensors with
+    gaps or self-overlap. Raises ``ValueError`` naming every such param, before anything is built."""
+    bad = [
+        f"{name} ({t.layout})"
+        if t.layout != torch.strided
+        else f"{name} (shape {tuple(t.shape)}, strides {t.stride()})"
+        for name, t in named
+        if t.layout != torch.strided or not _is_dense(t)
+    ]
+    if bad:
+        raise ValueError(
+            f"{where}: where params stay in place (flatten=False, DTensor shards) each must be dense, with no "
+            f"gaps or overlaps; these are not: {', '.join(bad)}. Make them dense first "
+            "(param.data = param.data.contiguous()), or use flatten=True, which copies params into a dense bucket"
+        )
 
 
 @functools.lru_cache(maxsize=64)
@@ -183,7 +250,8 @@ def ema_update_(
     """
     _check_pair("ema_update_", ema, param)
     w = _check_weight("ema_update_", w, ema.device)
-    dispatch_update(ema, param, w, bool(switch), resolve_backend(backend, ema.device))
+    switch = _check_flag("ema_update_", "switch", switch)
+    dispatch_update(ema, param, w, switch, resolve_backend(backend, ema.device))
 
 
 def switch_(ema: Tensor, param: Tensor, backend: str | None = None) -> None:
@@ -209,7 +277,8 @@ def swap_(ema: Tensor, param: Tensor, restore: bool = False, backend: str | None
             f"sema.ops.swap_: no lossless in-place swap between a {ema.dtype} EMA and {param.dtype} "
             "params; use SwitchEMA.swapped() (scratch copy) or keep the EMA in the param dtype"
         )
-    dispatch_swap(ema, param, bool(restore), resolve_backend(backend, ema.device))
+    restore = _check_flag("swap_", "restore", restore)
+    dispatch_swap(ema, param, restore, resolve_backend(backend, ema.device))
 
 
 def ema_update_multi_(
@@ -220,24 +289,42 @@ def ema_update_multi_(
     backend: str | None = None,
 ) -> None:
     """:func:`ema_update_` over lists of tensors that cannot be bucketed (shards, user lists),
-    one launch where the backend can. Pairs may have any shape but must match each other."""
+    one launch where the backend can. Pairs may have any dense shape and memory format but must
+    match each other; all on one device. Everything is checked before the first write, the same
+    way for every backend: no EMA or param may share memory with any other (checked by address
+    in O(n log n))."""
+    op = "ema_update_multi_"
     emas, params = list(emas), list(params)
     if len(emas) != len(params):
-        raise ValueError(f"sema.ops.ema_update_multi_: {len(emas)} EMA tensors but {len(params)} params")
-    if not emas:
-        return
-    device = emas[0].device
-    for i, (e, p) in enumerate(zip(emas, params, strict=False)):
+        raise ValueError(f"sema.ops.{op}: {len(emas)} EMA tensors but {len(params)} params")
+    device = None
+    for i, (e, p) in enumerate(zip(emas, params, strict=True)):
+        _check_tensor(op, f"emas[{i}]", e, flat=False)
+        _check_tensor(op, f"params[{i}]", p, flat=False)
         if e.shape != p.shape or e.stride() != p.stride():
             raise ValueError(
-                f"sema.ops.ema_update_multi_: pair {i} differs in shape or strides: "
+                f"sema.ops.{op}: pair {i} differs in shape or strides: "
                 f"{tuple(e.shape)}/{e.stride()} vs {tuple(p.shape)}/{p.stride()}"
             )
-        _check_pair("ema_update_multi_", dense_view(e), dense_view(p))
-        if e.device != device:
-            raise ValueError(f"sema.ops.ema_update_multi_: pair {i} is on {e.device}, pair 0 on {device}")
-    w = _check_weight("ema_update_multi_", w, device)
-    dispatch_update_multi(emas, params, w, bool(switch), resolve_backend(backend, device))
+        _check_dtypes(op, e, p, f"pair {i}: ")
+        if e.device != p.device:
+            raise ValueError(f"sema.ops.{op}: pair {i}: ema is on {e.device} but param is on {p.device}; move one")
+        if device is None:
+            device = e.device
+        elif e.device != device:
+            raise ValueError(f"sema.ops.{op}: pair {i} is on {e.device}, pair 0 on {device}; use one list per device")
+    w = _check_weight(op, w, device)
+    switch = _check_flag(op, "switch", switch)
+    _check_disjoint(
+        op, [(f"emas[{i}]", e) for i, e in enumerate(emas)] + [(f"params[{i}]", p) for i, p in enumerate(params)]
+    )
+    if device is None:  # nothing to update; a misspelt backend still says so
+        if backend not in (None, "auto", *backends.names()):
+            raise ValueError(
+                f"backend={backend!r}: unknown backend; choose one of {', '.join(backends.names())} or 'auto'"
+            )
+        return
+    dispatch_update_multi(emas, params, w, switch, resolve_backend(backend, device))
 
 
 def dispatch_update_multi(
@@ -259,6 +346,8 @@ def dense_view(t: Tensor) -> Tensor:
 
 
 def _is_dense(t: Tensor) -> bool:
+    if t.numel() == 0:
+        return True
     expected = 1
     for size, stride in sorted(zip(t.shape, t.stride(), strict=False), key=lambda s: s[1]):
         if size == 1:
