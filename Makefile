@@ -13,12 +13,19 @@ STAMP := $(VENV)/.installed-$(TORCH_VERSION)-$(TRITON_VERSION)-$(LIGHTNING_VERSI
 
 .PHONY: profile test lint install study peers clean
 
+# The peer EMA libraries of tests/test_migration.py are pinned; the two that would pull another torch
+# (mmengine: opencv-python and matplotlib; timm: torchvision, which has no build for the CPU torch) are
+# installed without their dependencies, timm outside site-packages: the test loads its utils/model_ema.py.
 $(STAMP): pyproject.toml setup.py
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet "torch==$(TORCH_VERSION)" "triton==$(TRITON_VERSION)" numpy "pytest>=8" "ruff==0.14.0" \
 		"scikit-learn==$(SKLEARN_VERSION)" "setuptools>=69" wheel "pybind11>=2.12" \
-		"lightning==$(LIGHTNING_VERSION)" "transformers==$(TRANSFORMERS_VERSION)" "accelerate==$(ACCELERATE_VERSION)" "peft==0.21.2"
+		"lightning==$(LIGHTNING_VERSION)" "transformers==$(TRANSFORMERS_VERSION)" "accelerate==$(ACCELERATE_VERSION)" "peft==0.21.2" \
+		"ema-pytorch==0.8.3" "torch-ema==0.3" "diffusers==0.42.1"
+	$(BIN)/pip install --quiet --no-deps "mmengine==0.10.7" "addict==2.4.0" "yapf==0.43.0" "termcolor==3.3.0" \
+		"platformdirs==4.14.9" "opencv-python-headless==5.0.0.93"
+	$(BIN)/pip install --quiet --no-deps --target $(VENV)/peers "timm==1.0.31"
 	touch $(STAMP)
 
 # Builds the optional extension in place (setup.py prints why it skips a part).
