@@ -27,10 +27,12 @@ the peer's tensor at that step. NeMo's float64 reference is compared under the s
 from __future__ import annotations
 
 import copy
+import importlib
 import importlib.util
 import random
 import sys
 import types
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -53,9 +55,6 @@ CPP = sema.available_backends("cpu")["cpp"]
 
 def power_decay(t: float, inv_gamma: float = 1.0, power: float = 2.0 / 3.0) -> float:
     return 1.0 - (1.0 + t / inv_gamma) ** -power
-
-
-# --- the model, the data and the training run -----------------------------------------------
 
 
 class TinyNet(nn.Module):
@@ -184,9 +183,6 @@ def run_case(case: Case, seed: int) -> dict[str, tuple[float, int, str]]:
             if ratio > results[label][0] or results[label][1] < 0:
                 results[label] = (ratio, call, where)
     return results
-
-
-# --- the peers --------------------------------------------------------------------------------
 
 
 def _named(model: nn.Module, tensors: list[Tensor]) -> dict[str, Tensor]:
@@ -338,8 +334,18 @@ class NemoFormulaPeer(Peer):
         return {n: torch.from_numpy(np.asarray(e)) for n, e in self.ema.items()}
 
 
+def _import_mmengine() -> None:
+    """mmengine's import scripts functions with torch.jit, deprecated in this torch: its warnings
+    are about mmengine, not about what is tested."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", r"`torch\.jit\.", DeprecationWarning)
+        importlib.import_module("mmengine.model")
+        importlib.import_module("mmengine.hooks")
+
+
 class MmengineEmaPeer(Peer):
     def __init__(self, model: nn.Module, **kwargs: Any) -> None:
+        _import_mmengine()
         from mmengine.model import ExponentialMovingAverage
 
         self.model = model
@@ -358,7 +364,7 @@ class MmengineHookPeer(Peer):
     when ``after_train_iter`` runs."""
 
     def __init__(self, model: nn.Module, **kwargs: Any) -> None:
-        import mmengine.model  # noqa: F401  (registers ExponentialMovingAverage)
+        _import_mmengine()  # also registers ExponentialMovingAverage for the hook
         from mmengine.hooks import EMAHook
 
         self.runner = types.SimpleNamespace(model=model, iter=0, epoch=0, max_iters=10**6, max_epochs=1)
@@ -373,8 +379,6 @@ class MmengineHookPeer(Peer):
     def emas(self) -> dict[str, Tensor]:
         return self.hook.ema_model.module.state_dict()
 
-
-# --- the table --------------------------------------------------------------------------------
 
 D = DECAY
 A = 5  # a start delay ("update_after_step") for the settings that have one
@@ -603,6 +607,7 @@ CASES = [
         shifted={"decay": D, "buffers": "copy", "update_after_step": A + 1},
         d_max=D,
         buffers=True,
+        marks=[need("cv2", "opencv-python-headless (mmengine.hooks imports cv2)")],
     ),
 ]
 
