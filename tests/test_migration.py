@@ -612,7 +612,9 @@ CASES = [
 ]
 
 
-# Settings that the options on main cannot reproduce: strict xfails that say what is missing.
+# Settings that the options on main cannot reproduce: strict xfails that say what is missing. Each
+# holds the mapping that the missing option would make right, so it passes (and the strict xfail
+# reports it) once the option lands.
 MISSING_MIN_DECAY_COPY = (
     "a power warmup with min_decay > 0: the peer copies on its first update past update_after_step and then "
     "uses max(power(t), min_decay) from t = 1 (one update later); sema's power warmup gives min_decay (not a copy) "
@@ -646,8 +648,8 @@ CASES += [
     Case(
         "ema_pytorch-EMA-min_value",
         lambda m: EmaPytorchPeer(m, beta=0.999, update_after_step=0, update_every=1, min_value=0.5),
-        sema={"decay": 0.999, "warmup": "power", "min_decay": 0.5, "update_after_step": 1, "buffers": "ema"},
-        shifted={"decay": 0.999, "warmup": "power", "min_decay": 0.5, "buffers": "ema"},
+        sema={"decay": 0.999, "warmup": "power", "min_decay": 0.5, "buffers": "ema"},
+        shifted={"decay": 0.999, "warmup": "power", "min_decay": 0.5, "update_after_step": 1, "buffers": "ema"},
         d_max=_power_cap(STEPS, 0.999),
         buffers=True,
         marks=[pytest.mark.xfail(raises=AssertionError, strict=True, reason=MISSING_MIN_DECAY_COPY)],
