@@ -27,6 +27,8 @@ void ema_update(void* ema, void* param, int64_t n, int ema_dtype, int param_dtyp
                 int num_threads);
 void switch_param(const void* ema, void* param, int64_t n, int ema_dtype, int param_dtype, int num_threads);
 void swap(void* ema, void* param, int64_t n, int ema_dtype, int param_dtype, bool restore, int num_threads);
+void ema_update_k(void* const* emas, int num_emas, void* param, int64_t n, int ema_dtype, int param_dtype,
+                  const float* ws, int switch_index, int num_threads);
 }  // namespace cpu_baseline
 #ifdef SEMA_WITH_AVX2
 namespace cpu_avx2 {
@@ -34,6 +36,8 @@ void ema_update(void* ema, void* param, int64_t n, int ema_dtype, int param_dtyp
                 int num_threads);
 void switch_param(const void* ema, void* param, int64_t n, int ema_dtype, int param_dtype, int num_threads);
 void swap(void* ema, void* param, int64_t n, int ema_dtype, int param_dtype, bool restore, int num_threads);
+void ema_update_k(void* const* emas, int num_emas, void* param, int64_t n, int ema_dtype, int param_dtype,
+                  const float* ws, int switch_index, int num_threads);
 }  // namespace cpu_avx2
 #endif
 #ifdef SEMA_WITH_CUDA
@@ -45,6 +49,13 @@ std::vector<int64_t> plan_update_multi(const std::vector<uintptr_t>& emas, const
                                        int device);
 void ema_update_multi_pieces(uintptr_t pieces, int64_t count, int ema_dtype, int param_dtype, float w_value,
                              uintptr_t w_ptr, bool switch_param, int device, uintptr_t stream);
+void ema_update_k(const std::vector<uintptr_t>& emas, uintptr_t param, int64_t n, int ema_dtype, int param_dtype,
+                  uintptr_t ws_ptr, int switch_index, int device, uintptr_t stream);
+std::vector<int64_t> plan_update_k_multi(const std::vector<std::vector<uintptr_t>>& emas,
+                                         const std::vector<uintptr_t>& params, const std::vector<int64_t>& numels,
+                                         int ema_dtype, int param_dtype, int device);
+void ema_update_k_multi_pieces(uintptr_t pieces, int64_t count, int num_emas, int ema_dtype, int param_dtype,
+                               uintptr_t ws_ptr, int switch_index, int device, uintptr_t stream);
 void switch_param(uintptr_t ema, uintptr_t param, int64_t n, int ema_dtype, int param_dtype, int device,
                   uintptr_t stream);
 void swap(uintptr_t ema, uintptr_t param, int64_t n, int ema_dtype, int param_dtype, bool restore, int device,
@@ -62,7 +73,7 @@ int driver_version();
 namespace {
 
 // Bumped whenever a signature below changes, so that a stale build is reported, not called.
-constexpr int kInterfaceVersion = 2;
+constexpr int kInterfaceVersion = 3;
 
 constexpr int kFloat32 = 0;
 constexpr int kBFloat16 = 1;
@@ -117,6 +128,25 @@ void check_pair(const char* op, uintptr_t ema, uintptr_t param, int64_t numel, i
   SEMA_CHECK_BUFFER(op, "ema", ema, numel, static_cast<uintptr_t>(element_size(ema_dtype)));
   SEMA_CHECK_BUFFER(op, "param", param, numel, static_cast<uintptr_t>(element_size(param_dtype)));
   SEMA_CHECK_DISJOINT(op, ema, ema_bytes, param, param_bytes);
+}
+
+// The K EMAs of one param: every (EMA, param) pair as check_pair, and no two EMAs sharing memory.
+void check_emas(const char* op, const std::vector<uintptr_t>& emas, uintptr_t param, int64_t numel, int ema_dtype,
+                int param_dtype) {
+  SEMA_CHECK(op, !emas.empty(), "no EMAs; pass at least one");
+  for (const uintptr_t ema : emas) check_pair(op, ema, param, numel, ema_dtype, param_dtype);
+  const uintptr_t bytes = static_cast<uintptr_t>(numel) * element_size(ema_dtype);
+  for (size_t i = 0; i < emas.size(); ++i) {
+    for (size_t j = i + 1; j < emas.size(); ++j) {
+      SEMA_CHECK(op, bytes == 0 || emas[i] + bytes <= emas[j] || emas[j] + bytes <= emas[i], "EMAs ", i, " and ", j,
+                 " share memory; they must be separate buffers");
+    }
+  }
+}
+
+void check_switch_index(const char* op, int switch_index, size_t num_emas) {
+  SEMA_CHECK(op, switch_index >= -1 && switch_index < static_cast<int64_t>(num_emas), "switch_index ", switch_index,
+             " is outside [-1, ", num_emas, ")");
 }
 
 void check_swap_dtypes(const char* op, int ema_dtype, int param_dtype) {
@@ -191,6 +221,55 @@ void cpu_ema_update_multi(const std::vector<uintptr_t>& emas, const std::vector<
   check_threads(op, num_threads);
   for (size_t i = 0; i < count; ++i) {
     cpu_ema_update(emas[i], params[i], numels[i], ema_dtypes[i], param_dtypes[i], w, switch_param, num_threads);
+  }
+}
+
+// K EMAs of one param in one pass over it; ws: the K weights; switch_index -1 or in [0, K).
+void cpu_ema_update_k(const std::vector<uintptr_t>& emas, uintptr_t param, int64_t numel, int ema_dtype,
+                      int param_dtype, const std::vector<float>& ws, int switch_index, int num_threads) {
+  const char* op = "cpu_ema_update_k";
+  check_emas(op, emas, param, numel, ema_dtype, param_dtype);
+  SEMA_CHECK(op, ws.size() == emas.size(), ws.size(), " weights for ", emas.size(), " EMAs; pass one per EMA");
+  check_switch_index(op, switch_index, emas.size());
+  check_threads(op, num_threads);
+  std::vector<void*> pointers;
+  for (const uintptr_t ema : emas) pointers.push_back(reinterpret_cast<void*>(ema));
+  const int num_emas = static_cast<int>(pointers.size());
+  auto* p = reinterpret_cast<void*>(param);
+#ifdef SEMA_WITH_AVX2
+  if (g_cpu_isa == CpuIsa::kAvx2) {
+    sema::cpu_avx2::ema_update_k(pointers.data(), num_emas, p, numel, ema_dtype, param_dtype, ws.data(), switch_index,
+                                 num_threads);
+    return;
+  }
+#endif
+  sema::cpu_baseline::ema_update_k(pointers.data(), num_emas, p, numel, ema_dtype, param_dtype, ws.data(),
+                                   switch_index, num_threads);
+}
+
+// emas[k][i] is EMA k of tensor i; every tensor checked before the first is updated.
+void cpu_ema_update_k_multi(const std::vector<std::vector<uintptr_t>>& emas, const std::vector<uintptr_t>& params,
+                            const std::vector<int64_t>& numels, const std::vector<int>& ema_dtypes,
+                            const std::vector<int>& param_dtypes, const std::vector<float>& ws, int switch_index,
+                            int num_threads) {
+  const char* op = "cpu_ema_update_k_multi";
+  const size_t count = params.size();
+  SEMA_CHECK(op, !emas.empty(), "no EMAs; pass at least one");
+  SEMA_CHECK(op, numels.size() == count && ema_dtypes.size() == count && param_dtypes.size() == count,
+             "the param, numel and dtype lists must have one entry per tensor");
+  for (const std::vector<uintptr_t>& row : emas) {
+    SEMA_CHECK(op, row.size() == count, "every EMA list must have one entry per tensor");
+  }
+  SEMA_CHECK(op, ws.size() == emas.size(), ws.size(), " weights for ", emas.size(), " EMAs; pass one per EMA");
+  check_switch_index(op, switch_index, emas.size());
+  check_threads(op, num_threads);
+  std::vector<std::vector<uintptr_t>> columns(count);
+  for (size_t i = 0; i < count; ++i) {
+    for (const std::vector<uintptr_t>& row : emas) columns[i].push_back(row[i]);
+    check_emas(op, columns[i], params[i], numels[i], ema_dtypes[i], param_dtypes[i]);
+  }
+  for (size_t i = 0; i < count; ++i) {
+    cpu_ema_update_k(columns[i], params[i], numels[i], ema_dtypes[i], param_dtypes[i], ws, switch_index, num_threads);
   }
 }
 
@@ -276,6 +355,71 @@ void cuda_ema_update_multi_pieces(uintptr_t pieces, int64_t count, int ema_dtype
   check_device(op, device);
   sema::cuda::ema_update_multi_pieces(pieces, count, ema_dtype, param_dtype, w_value, w_ptr, switch_param, device,
                                       stream);
+}
+
+constexpr size_t kMaxEmasPerPass = 8;  // kMaxEmas in ema_cuda.cu
+
+void check_weights_pointer(const char* op, uintptr_t ws_ptr) {
+  SEMA_CHECK(op, ws_ptr != 0 && ws_ptr % 4 == 0, "ws pointer ", ws_ptr, " is null or not aligned to 4 bytes");
+}
+
+void check_emas_per_pass(const char* op, size_t num_emas) {
+  SEMA_CHECK(op, num_emas >= 1 && num_emas <= kMaxEmasPerPass, num_emas, " EMAs; one pass takes 1 to ",
+             kMaxEmasPerPass, " (split larger sets into passes)");
+}
+
+// K <= 8 EMAs of one param in one launch; ws_ptr: K fp32 weights on the device.
+void cuda_ema_update_k(const std::vector<uintptr_t>& emas, uintptr_t param, int64_t numel, int ema_dtype,
+                       int param_dtype, uintptr_t ws_ptr, int switch_index, int device, uintptr_t stream) {
+  const char* op = "cuda_ema_update_k";
+  check_emas_per_pass(op, emas.size());
+  check_emas(op, emas, param, numel, ema_dtype, param_dtype);
+  check_weights_pointer(op, ws_ptr);
+  check_switch_index(op, switch_index, emas.size());
+  check_device(op, device);
+  sema::cuda::ema_update_k(emas, param, numel, ema_dtype, param_dtype, ws_ptr, switch_index, device, stream);
+}
+
+// The K-EMA piece table of one dtype pair (rows of K + 2 int64: param address, count, K EMA
+// addresses), after the checks of every tensor's K EMAs and param. emas[k][i]: EMA k of tensor i.
+std::vector<int64_t> cuda_plan_update_k_multi(const std::vector<std::vector<uintptr_t>>& emas,
+                                              const std::vector<uintptr_t>& params,
+                                              const std::vector<int64_t>& numels, int ema_dtype, int param_dtype,
+                                              int device) {
+  const char* op = "cuda_plan_update_k_multi";
+  check_emas_per_pass(op, emas.size());
+  const size_t count = params.size();
+  SEMA_CHECK(op, numels.size() == count, "the param and numel lists must have one entry per tensor");
+  for (const std::vector<uintptr_t>& row : emas) {
+    SEMA_CHECK(op, row.size() == count, "every EMA list must have one entry per tensor");
+  }
+  for (size_t i = 0; i < count; ++i) {
+    std::vector<uintptr_t> column;
+    for (const std::vector<uintptr_t>& row : emas) column.push_back(row[i]);
+    check_emas(op, column, params[i], numels[i], ema_dtype, param_dtype);
+  }
+  check_device(op, device);
+  return sema::cuda::plan_update_k_multi(emas, params, numels, ema_dtype, param_dtype, device);
+}
+
+// One launch over `count` rows at `pieces`: a device copy of a cuda_plan_update_k_multi table
+// for the same EMA count, dtype pair and device (sema/_ext_cuda.py keeps them together).
+void cuda_ema_update_k_multi_pieces(uintptr_t pieces, int64_t count, int num_emas, int ema_dtype, int param_dtype,
+                                    uintptr_t ws_ptr, int switch_index, int device, uintptr_t stream) {
+  const char* op = "cuda_ema_update_k_multi_pieces";
+  check_emas_per_pass(op, static_cast<size_t>(num_emas < 0 ? 0 : num_emas));
+  SEMA_CHECK_DTYPE(op, "ema", ema_dtype);
+  SEMA_CHECK_DTYPE(op, "param", param_dtype);
+  SEMA_CHECK_DTYPE_PAIR(op, ema_dtype, param_dtype);
+  SEMA_CHECK(op, count >= 0 && count <= std::numeric_limits<int32_t>::max(), "piece count ", count,
+             " is outside [0, 2**31)");
+  SEMA_CHECK(op, count == 0 || (pieces != 0 && pieces % 8 == 0), "piece table address ", pieces,
+             " is null or not aligned to 8 bytes");
+  check_weights_pointer(op, ws_ptr);
+  check_switch_index(op, switch_index, static_cast<size_t>(num_emas));
+  check_device(op, device);
+  sema::cuda::ema_update_k_multi_pieces(pieces, count, num_emas, ema_dtype, param_dtype, ws_ptr, switch_index, device,
+                                        stream);
 }
 
 void cuda_switch(uintptr_t ema, uintptr_t param, int64_t numel, int ema_dtype, int param_dtype, int device,
@@ -364,6 +508,12 @@ PYBIND11_MODULE(_C, m) {
   m.def("cpu_ema_update_multi", &cpu_ema_update_multi, py::arg("ema_ptrs"), py::arg("param_ptrs"), py::arg("numels"),
         py::arg("ema_dtypes"), py::arg("param_dtypes"), py::arg("w"), py::arg("switch_param"), py::arg("num_threads"),
         release);
+  m.def("cpu_ema_update_k", &cpu_ema_update_k, py::arg("ema_ptrs"), py::arg("param_ptr"), py::arg("numel"),
+        py::arg("ema_dtype"), py::arg("param_dtype"), py::arg("ws"), py::arg("switch_index"), py::arg("num_threads"),
+        release);
+  m.def("cpu_ema_update_k_multi", &cpu_ema_update_k_multi, py::arg("ema_ptrs"), py::arg("param_ptrs"),
+        py::arg("numels"), py::arg("ema_dtypes"), py::arg("param_dtypes"), py::arg("ws"), py::arg("switch_index"),
+        py::arg("num_threads"), release);
   m.def("cpu_switch", &cpu_switch, py::arg("ema_ptr"), py::arg("param_ptr"), py::arg("numel"), py::arg("ema_dtype"),
         py::arg("param_dtype"), py::arg("num_threads"), release);
   m.def("cpu_swap", &cpu_swap, py::arg("ema_ptr"), py::arg("param_ptr"), py::arg("numel"), py::arg("ema_dtype"),
@@ -376,6 +526,14 @@ PYBIND11_MODULE(_C, m) {
         py::arg("numels"), py::arg("ema_dtype"), py::arg("param_dtype"), py::arg("device"), release);
   m.def("cuda_ema_update_multi_pieces", &cuda_ema_update_multi_pieces, py::arg("pieces_ptr"), py::arg("count"),
         py::arg("ema_dtype"), py::arg("param_dtype"), py::arg("w_value"), py::arg("w_ptr"), py::arg("switch_param"),
+        py::arg("device"), py::arg("stream"), release);
+  m.def("cuda_ema_update_k", &cuda_ema_update_k, py::arg("ema_ptrs"), py::arg("param_ptr"), py::arg("numel"),
+        py::arg("ema_dtype"), py::arg("param_dtype"), py::arg("ws_ptr"), py::arg("switch_index"), py::arg("device"),
+        py::arg("stream"), release);
+  m.def("cuda_plan_update_k_multi", &cuda_plan_update_k_multi, py::arg("ema_ptrs"), py::arg("param_ptrs"),
+        py::arg("numels"), py::arg("ema_dtype"), py::arg("param_dtype"), py::arg("device"), release);
+  m.def("cuda_ema_update_k_multi_pieces", &cuda_ema_update_k_multi_pieces, py::arg("pieces_ptr"), py::arg("count"),
+        py::arg("num_emas"), py::arg("ema_dtype"), py::arg("param_dtype"), py::arg("ws_ptr"), py::arg("switch_index"),
         py::arg("device"), py::arg("stream"), release);
   m.def("cuda_switch", &cuda_switch, py::arg("ema_ptr"), py::arg("param_ptr"), py::arg("numel"), py::arg("ema_dtype"),
         py::arg("param_dtype"), py::arg("device"), py::arg("stream"), release);

@@ -10,7 +10,7 @@
 // ("DEFAULT" capability) path computes base + coeff * (p - e) with two roundings. The AVX2 object
 // uses the first formula, the baseline object the second (built with -ffp-contract=off).
 //
-// Nothing here may have external linkage except the three entry points: the two objects are
+// Nothing here may have external linkage except the four entry points: the two objects are
 // linked into one library, and an inline function emitted by both (a std:: template, say)
 // would be merged by the linker, letting AVX2 code leak into the baseline path. Hence an
 // anonymous namespace and builtins instead of <cmath>/<algorithm>.
@@ -146,10 +146,11 @@ inline float lerp(float e, float p, float coeff) {
 #endif
 }
 
-// Runs body(begin, end) over [0, n) split into one contiguous range per thread.
+// Runs body(begin, end) over [0, n) split into one contiguous range per thread, of at least
+// `grain` elements each.
 template <typename Body>
-void parallel_ranges(int64_t n, int num_threads, const Body& body) {
-  int64_t threads = (n + kGrainElements - 1) / kGrainElements;
+void parallel_ranges(int64_t n, int num_threads, const Body& body, int64_t grain = kGrainElements) {
+  int64_t threads = (n + grain - 1) / grain;
   if (threads > num_threads) threads = num_threads;
 #ifdef _OPENMP
   if (threads > 1) {
@@ -228,6 +229,45 @@ void update_typed(void* ema_ptr, void* param_ptr, int64_t n, float w, bool switc
       }
     }
   });
+}
+
+// K EMAs of one param, each updated exactly as update_typed() would with w = ws[k]. A thread
+// walks its range in blocks small enough that the param block stays in L1 while the K EMAs
+// stream through it: the param comes from memory once, 4 + 8K bytes per element for fp32
+// (2 + 8K for bf16 params with fp32 EMAs). The EMA at switch_index is updated last in each
+// block and writes the param, after every other EMA has read it.
+constexpr int64_t kParamBlockElements = 2048;  // 8 KB of fp32 params; a multiple of 16
+
+template <typename E, typename P, bool SWITCH>
+void update_block(typename E::Storage* ema, typename P::Storage* param, int64_t begin, int64_t end, float w) {
+  if (w < 0.5f) {
+    update_range<E, P, SWITCH, true>(ema, param, begin, end, w);
+  } else {
+    update_range<E, P, SWITCH, false>(ema, param, begin, end, w - 1.0f);  // w - 1 is exact for w in [0.5, 1]
+  }
+}
+
+template <typename E, typename P>
+void update_k_typed(void* const* ema_ptrs, int num_emas, void* param_ptr, int64_t n, const float* ws,
+                    int switch_index, int num_threads) {
+  auto* param = static_cast<typename P::Storage*>(param_ptr);
+  const auto ema = [&](int k) { return static_cast<typename E::Storage*>(ema_ptrs[k]); };
+  const int64_t per_ema = kGrainElements / num_emas;  // about the single op's bytes per thread
+  const int64_t grain = per_ema > kParamBlockElements ? per_ema : kParamBlockElements;
+  parallel_ranges(
+      n, num_threads,
+      [&](int64_t begin, int64_t end) {
+        for (int64_t block = begin; block < end; block += kParamBlockElements) {
+          const int64_t block_end = block + kParamBlockElements < end ? block + kParamBlockElements : end;
+          for (int k = 0; k < num_emas; ++k) {
+            if (k != switch_index) update_block<E, P, false>(ema(k), param, block, block_end, ws[k]);
+          }
+          if (switch_index >= 0) {
+            update_block<E, P, true>(ema(switch_index), param, block, block_end, ws[switch_index]);
+          }
+        }
+      },
+      grain);
 }
 
 // param <- cast(ema): 6 bytes per element for fp32 ema and bf16 params.
@@ -333,6 +373,20 @@ void ema_update(void* ema, void* param, int64_t n, int ema_dtype, int param_dtyp
     update_typed<BFloat16, BFloat16>(ema, param, n, w, switch_param, num_threads);
   } else if (ema_dtype == kFloat16 && param_dtype == kFloat16) {
     update_typed<Float16, Float16>(ema, param, n, w, switch_param, num_threads);
+  }
+}
+
+void ema_update_k(void* const* emas, int num_emas, void* param, int64_t n, int ema_dtype, int param_dtype,
+                  const float* ws, int switch_index, int num_threads) {
+  const int s = switch_index;
+  if (ema_dtype == kFloat32) {
+    if (param_dtype == kFloat32) update_k_typed<Float32, Float32>(emas, num_emas, param, n, ws, s, num_threads);
+    if (param_dtype == kBFloat16) update_k_typed<Float32, BFloat16>(emas, num_emas, param, n, ws, s, num_threads);
+    if (param_dtype == kFloat16) update_k_typed<Float32, Float16>(emas, num_emas, param, n, ws, s, num_threads);
+  } else if (ema_dtype == kBFloat16 && param_dtype == kBFloat16) {
+    update_k_typed<BFloat16, BFloat16>(emas, num_emas, param, n, ws, s, num_threads);
+  } else if (ema_dtype == kFloat16 && param_dtype == kFloat16) {
+    update_k_typed<Float16, Float16>(emas, num_emas, param, n, ws, s, num_threads);
   }
 }
 

@@ -1,5 +1,6 @@
-// CUDA kernels of the sema op contract: EMA update (+ switch), switch, swap, on flat buffers
-// or on a device table of pieces of many buffers (the multi-tensor update, FSDP2 shards).
+// CUDA kernels of the sema op contract: EMA update (+ switch), switch, swap, and the update of K
+// EMAs of one param in one pass, on flat buffers or on a device table of pieces of many buffers
+// (the multi-tensor update, FSDP2 shards).
 //
 // One kernel body, the op a template flag. The host cuts the work into one contiguous piece
 // per block, as many blocks as stay resident on the device (SMs x the occupancy API's blocks
@@ -281,6 +282,158 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm)
   run_multi_block<E, P, OP>(pieces, w_ptr, w_value, blockIdx.x, threadIdx.x);
 }
 
+// --- K EMAs of one param, one pass ----------------------------------------------------------
+//
+// The param tile is loaded once into registers; then, one EMA at a time, that EMA's tile is
+// loaded (all its 16-byte loads before its first store), updated by exactly the single op's
+// apply<>() with w = ws[k], and stored. The EMA at `switch_index` also writes the param, from
+// a copy: the later EMAs keep reading the param value from before the switch. Bytes per
+// element: the param once (4 or 2), 8K for fp32 EMAs, + the param write with a switch.
+
+constexpr int kMaxEmas = 8;
+
+// The K EMAs' base addresses, in the kernel arguments (64 bytes of parameter space).
+struct EmaAddresses {
+  uintptr_t ema[kMaxEmas];
+};
+
+template <typename E, typename P>
+struct KTraits {
+  using Base = Traits<E, P, Op::kUpdate>;
+  static constexpr int V = Base::V;
+  using EVector = typename Base::EVector;
+  using PVector = typename Base::PVector;
+  // vectors per thread per tile: 4 EMA loads of 16 bytes per step (the first step also loads the
+  // param tile), 32 registers of data at most
+  static constexpr int kUnroll = sizeof(EVector) == 16 ? 4 : 2;
+  // The multi-tensor kernel holds its piece's addresses in registers, not in the kernel
+  // arguments: with 16-bit EMAs it spills at 4 vectors, so it takes 2 (2 EMA loads per step).
+  static constexpr int kMultiUnroll = sizeof(typename E::Storage) == 2 ? 2 : kUnroll;
+};
+
+// The param a switch writes, from the stored EMA: its bits (equal dtypes) or its fp32 value
+// rounded, which is the update's result: what apply<kUpdateSwitch>() writes, and switch_().
+template <typename E, typename P, typename Vec>
+SEMA_HD auto switched_param(const Vec& e) {
+  Vector<typename P::Storage, sizeof(Vec) / sizeof(typename E::Storage)> p;
+#pragma unroll
+  for (int i = 0; i < static_cast<int>(sizeof(Vec) / sizeof(typename E::Storage)); ++i) {
+    if constexpr (std::is_same_v<E, P>) {
+      p.v[i] = e.v[i];
+    } else {
+      p.v[i] = P::store(E::load(e.v[i]));
+    }
+  }
+  return p;
+}
+
+// One tile step: the vectors at [u * kThreads] for u < COUNT of the param and of every EMA.
+// `ema_at(k)` is EMA k's base address; this thread's first EMA element is at ema_at(k) + first.
+template <typename E, typename P, int COUNT, typename EmaAt>
+SEMA_HD void run_k_vectors(const EmaAt& ema_at, int num_emas, typename KTraits<E, P>::PVector* __restrict__ param,
+                           int64_t first, const float* __restrict__ ws, int switch_index) {
+  using T = KTraits<E, P>;
+  typename T::PVector p[COUNT];
+#pragma unroll
+  for (int u = 0; u < COUNT; ++u) p[u] = param[u * kThreads];
+#pragma unroll 1
+  for (int k = 0; k < num_emas; ++k) {
+    auto* ema = reinterpret_cast<typename T::EVector*>(ema_at(k) + first);
+    typename T::EVector e[COUNT];
+#pragma unroll
+    for (int u = 0; u < COUNT; ++u) e[u] = ema[u * kThreads];
+    const Lerp lerp = lerp_weight<Op::kUpdate>(ws + k, 0.0f);
+#pragma unroll
+    for (int u = 0; u < COUNT; ++u) {
+#pragma unroll
+      for (int i = 0; i < T::V; ++i) apply<E, P, Op::kUpdate>(e[u].v[i], p[u].v[i], lerp.coeff, lerp.small_weight);
+      ema[u * kThreads] = e[u];
+      if (k == switch_index) param[u * kThreads] = switched_param<E, P>(e[u]);
+    }
+  }
+}
+
+// What thread `thread` of a block does with the block's piece: `n` elements from `begin` of every
+// EMA (base addresses ema_at(k)), and from `param`.
+template <typename E, typename P, int UNROLL, typename EmaAt>
+SEMA_HD void run_k_piece(const EmaAt& ema_at, int num_emas, int64_t begin, typename P::Storage* __restrict__ param,
+                         int64_t n, const float* __restrict__ ws, int switch_index, unsigned thread) {
+  using T = KTraits<E, P>;
+  uintptr_t addresses = reinterpret_cast<uintptr_t>(param);
+#pragma unroll 1
+  for (int k = 0; k < num_emas; ++k) addresses |= reinterpret_cast<uintptr_t>(ema_at(k) + begin);
+  int64_t scalar_start = 0;
+  if ((addresses & 15u) == 0) {
+    auto* param_vectors = reinterpret_cast<typename T::PVector*>(param);
+    const int64_t n_vectors = n / T::V;
+    int64_t base = 0;
+    constexpr int64_t kTileVectors = static_cast<int64_t>(kThreads) * UNROLL;
+#pragma unroll 1
+    for (; base + kTileVectors <= n_vectors; base += kTileVectors) {
+      run_k_vectors<E, P, UNROLL>(ema_at, num_emas, param_vectors + base + thread, begin + (base + thread) * T::V, ws,
+                                  switch_index);
+    }
+#pragma unroll 1
+    for (int64_t v = base + thread; v < n_vectors; v += kThreads) {
+      run_k_vectors<E, P, 1>(ema_at, num_emas, param_vectors + v, begin + v * T::V, ws, switch_index);
+    }
+    scalar_start = n_vectors * T::V;
+  }
+#pragma unroll 1
+  for (int64_t i = scalar_start + thread; i < n; i += kThreads) {
+    const typename P::Storage p = param[i];
+#pragma unroll 1
+    for (int k = 0; k < num_emas; ++k) {
+      typename E::Storage* ema = ema_at(k) + begin;
+      typename E::Storage e = ema[i];
+      typename P::Storage unchanged = p;
+      const Lerp lerp = lerp_weight<Op::kUpdate>(ws + k, 0.0f);
+      apply<E, P, Op::kUpdate>(e, unchanged, lerp.coeff, lerp.small_weight);
+      ema[i] = e;
+      if (k == switch_index) param[i] = switched_param<E, P>(Vector<typename E::Storage, 1>{{e}}).v[0];
+    }
+  }
+}
+
+// Flat buffers: block `block` takes elements [block * piece, min((block + 1) * piece, n)) of all.
+template <typename E, typename P>
+SEMA_HD void run_k_flat_block(const EmaAddresses& emas, int num_emas, uintptr_t param, int64_t n, int64_t piece,
+                              const float* ws, int switch_index, int64_t block, unsigned thread) {
+  const int64_t begin = block * piece;
+  const int64_t count = n - begin < piece ? n - begin : piece;
+  const auto ema_at = [&](int k) { return reinterpret_cast<typename E::Storage*>(emas.ema[k]); };
+  auto* param_piece = reinterpret_cast<typename P::Storage*>(param) + begin;
+  run_k_piece<E, P, KTraits<E, P>::kUnroll>(ema_at, num_emas, begin, param_piece, count, ws, switch_index, thread);
+}
+
+// Multi-tensor: block `block` takes row `block` of a K-EMA piece table, built by plan_k_pieces():
+// (param address, count, K EMA addresses), K + 2 int64 words.
+template <typename E, typename P>
+SEMA_HD void run_k_multi_block(const int64_t* __restrict__ pieces, int num_emas, const float* ws, int switch_index,
+                               int64_t block, unsigned thread) {
+  const int64_t* row = pieces + block * (num_emas + 2);
+  // the row's address is recomputed from the kernel arguments, not held in two registers
+  const auto ema_at = [&](int k) {
+    return reinterpret_cast<typename E::Storage*>(static_cast<uintptr_t>(pieces[block * (num_emas + 2) + 2 + k]));
+  };
+  auto* param_piece = reinterpret_cast<typename P::Storage*>(static_cast<uintptr_t>(row[0]));
+  run_k_piece<E, P, KTraits<E, P>::kMultiUnroll>(ema_at, num_emas, 0, param_piece, row[1], ws, switch_index, thread);
+}
+
+template <typename E, typename P>
+__global__ void __launch_bounds__(kThreads, kMinBlocksPerSm)
+    ema_k_kernel(const __grid_constant__ EmaAddresses emas, int num_emas, uintptr_t param, int64_t n, int64_t piece,
+                 const float* __restrict__ ws, int switch_index) {
+  run_k_flat_block<E, P>(emas, num_emas, param, n, piece, ws, switch_index, blockIdx.x, threadIdx.x);
+}
+
+template <typename E, typename P>
+__global__ void __launch_bounds__(kThreads, kMinBlocksPerSm)
+    ema_k_multi_kernel(const int64_t* __restrict__ pieces, int num_emas, const float* __restrict__ ws,
+                       int switch_index) {
+  run_k_multi_block<E, P>(pieces, num_emas, ws, switch_index, blockIdx.x, threadIdx.x);
+}
+
 // The grid of a flat launch: at most `capacity` blocks (all resident at once), at least
 // kThreads vectors per block, pieces of equal size in whole vectors.
 struct FlatGrid {
@@ -308,18 +461,26 @@ struct Pair {
 // pieces included, number at most `capacity`: one wave. More tensors than that: many waves,
 // each block one piece of at most that size.
 template <int V>
-std::vector<Piece> plan_pieces(const std::vector<Pair>& pairs, int ema_size, int param_size, int64_t capacity) {
+int64_t piece_size(const std::vector<int64_t>& numels, int64_t capacity) {
   int64_t total = 0, tensors = 0;
-  for (const Pair& pair : pairs) {
-    total += pair.numel;
-    tensors += pair.numel > 0;
+  for (const int64_t numel : numels) {
+    total += numel;
+    tensors += numel > 0;
   }
-  std::vector<Piece> pieces;
-  if (total == 0) return pieces;
+  if (total == 0) return 0;
   const int64_t target = 2 * tensors <= capacity ? capacity - tensors : capacity;
   int64_t piece = ceil_div(total, target);
   if (piece < static_cast<int64_t>(kThreads) * V) piece = static_cast<int64_t>(kThreads) * V;
-  piece = ceil_div(piece, V) * V;
+  return ceil_div(piece, V) * V;
+}
+
+template <int V>
+std::vector<Piece> plan_pieces(const std::vector<Pair>& pairs, int ema_size, int param_size, int64_t capacity) {
+  std::vector<int64_t> numels;
+  for (const Pair& pair : pairs) numels.push_back(pair.numel);
+  const int64_t piece = piece_size<V>(numels, capacity);
+  std::vector<Piece> pieces;
+  if (piece == 0) return pieces;
   for (const Pair& pair : pairs) {
     for (int64_t begin = 0; begin < pair.numel; begin += piece) {
       const int64_t count = pair.numel - begin < piece ? pair.numel - begin : piece;
@@ -328,6 +489,27 @@ std::vector<Piece> plan_pieces(const std::vector<Pair>& pairs, int ema_size, int
     }
   }
   return pieces;
+}
+
+// The rows of a K-EMA multi-tensor launch, cut as plan_pieces() cuts: (param address, count,
+// then the K EMA addresses) per piece. emas[k][i] is EMA k of tensor i.
+template <int V>
+std::vector<int64_t> plan_k_pieces(const std::vector<std::vector<uintptr_t>>& emas,
+                                   const std::vector<uintptr_t>& params, const std::vector<int64_t>& numels,
+                                   int ema_size, int param_size, int64_t capacity) {
+  const int64_t piece = piece_size<V>(numels, capacity);
+  std::vector<int64_t> rows;
+  if (piece == 0) return rows;
+  for (size_t i = 0; i < params.size(); ++i) {
+    for (int64_t begin = 0; begin < numels[i]; begin += piece) {
+      rows.push_back(static_cast<int64_t>(params[i] + static_cast<uintptr_t>(begin) * param_size));
+      rows.push_back(numels[i] - begin < piece ? numels[i] - begin : piece);
+      for (const std::vector<uintptr_t>& ema : emas) {
+        rows.push_back(static_cast<int64_t>(ema[i] + static_cast<uintptr_t>(begin) * ema_size));
+      }
+    }
+  }
+  return rows;
 }
 
 [[noreturn]] void raise_cuda_error(const char* op, const char* what, cudaError_t error) {
@@ -406,6 +588,33 @@ void launch_multi(const char*, const Piece* pieces, int64_t count, const float* 
     }
   }
 }
+
+template <typename E, typename P>
+int64_t k_multi_capacity(const char*, int) {
+  return emulated_capacity;
+}
+
+template <typename E, typename P>
+void launch_k_flat(const char*, const EmaAddresses& emas, int num_emas, uintptr_t param, int64_t n, const float* ws,
+                   int switch_index, int, cudaStream_t) {
+  if (n == 0) return;
+  const FlatGrid grid = flat_grid<KTraits<E, P>::V>(n, emulated_capacity);
+  for (int64_t block = 0; block < grid.blocks; ++block) {
+    for (unsigned thread = 0; thread < kThreads; ++thread) {
+      run_k_flat_block<E, P>(emas, num_emas, param, n, grid.piece, ws, switch_index, block, thread);
+    }
+  }
+}
+
+template <typename E, typename P>
+void launch_k_multi(const char*, const int64_t* pieces, int64_t count, int num_emas, const float* ws,
+                    int switch_index, int, cudaStream_t) {
+  for (int64_t block = 0; block < count; ++block) {
+    for (unsigned thread = 0; thread < kThreads; ++thread) {
+      run_k_multi_block<E, P>(pieces, num_emas, ws, switch_index, block, thread);
+    }
+  }
+}
 #else
 // Blocks of `kernel` resident on `device` at once: SMs x the occupancy API's blocks per SM.
 // Asked once per kernel and device (the template's statics are per kernel).
@@ -450,6 +659,33 @@ void launch_multi(const char* op, const Piece* pieces, int64_t count, const floa
   if (count == 0) return;
   DeviceGuard guard(op, device);
   ema_multi_kernel<E, P, OP><<<static_cast<unsigned>(count), kThreads, 0, stream>>>(pieces, w_ptr, w_value);
+  SEMA_CUDA_CHECK(op, cudaGetLastError());
+}
+
+template <typename E, typename P>
+int64_t k_multi_capacity(const char* op, int device) {
+  DeviceGuard guard(op, device);
+  return resident_blocks(op, ema_k_multi_kernel<E, P>, device);
+}
+
+template <typename E, typename P>
+void launch_k_flat(const char* op, const EmaAddresses& emas, int num_emas, uintptr_t param, int64_t n,
+                   const float* ws, int switch_index, int device, cudaStream_t stream) {
+  if (n == 0) return;
+  DeviceGuard guard(op, device);
+  const FlatGrid grid = flat_grid<KTraits<E, P>::V>(n, resident_blocks(op, ema_k_kernel<E, P>, device));
+  ema_k_kernel<E, P><<<static_cast<unsigned>(grid.blocks), kThreads, 0, stream>>>(emas, num_emas, param, n,
+                                                                                 grid.piece, ws, switch_index);
+  SEMA_CUDA_CHECK(op, cudaGetLastError());
+}
+
+template <typename E, typename P>
+void launch_k_multi(const char* op, const int64_t* pieces, int64_t count, int num_emas, const float* ws,
+                    int switch_index, int device, cudaStream_t stream) {
+  if (count == 0) return;
+  DeviceGuard guard(op, device);
+  ema_k_multi_kernel<E, P><<<static_cast<unsigned>(count), kThreads, 0, stream>>>(pieces, num_emas, ws,
+                                                                                  switch_index);
   SEMA_CUDA_CHECK(op, cudaGetLastError());
 }
 #endif
@@ -517,6 +753,60 @@ void ema_update_multi_pieces(uintptr_t pieces, int64_t count, int ema_dtype, int
     } else {
       launch_multi<E, P, Op::kUpdate>(op, table, count, w, w_value, device, cuda_stream);
     }
+  });
+}
+
+// K EMAs of one flat param in one pass (1 <= K <= kMaxEmas); ws: K fp32 weights on the device;
+// switch_index in [0, K) switches the param to that EMA after the update, -1 does not.
+void ema_update_k(const std::vector<uintptr_t>& emas, uintptr_t param, int64_t n, int ema_dtype, int param_dtype,
+                  uintptr_t ws_ptr, int switch_index, int device, uintptr_t stream) {
+  const char* op = switch_index >= 0 ? "sema ema_update_k_(switch_index) [cuda]" : "sema ema_update_k_ [cuda]";
+  if (emas.empty() || emas.size() > static_cast<size_t>(kMaxEmas)) {
+    throw std::invalid_argument(std::string(op) + ": " + std::to_string(emas.size()) + " EMAs; one pass takes 1 to " +
+                                std::to_string(kMaxEmas));
+  }
+  EmaAddresses addresses{};
+  for (size_t k = 0; k < emas.size(); ++k) addresses.ema[k] = emas[k];
+  const auto* ws = reinterpret_cast<const float*>(ws_ptr);
+  const auto cuda_stream = reinterpret_cast<cudaStream_t>(stream);
+  const int num_emas = static_cast<int>(emas.size());
+  dispatch_update_types(op, ema_dtype, param_dtype, [&](auto e, auto p) {
+    launch_k_flat<decltype(e), decltype(p)>(op, addresses, num_emas, param, n, ws, switch_index, device, cuda_stream);
+  });
+}
+
+// The piece table of a K-EMA multi-tensor update of one dtype pair: rows of K + 2 int64 words
+// (param address, count, K EMA addresses), for the caller to copy to the device and pass to
+// ema_update_k_multi_pieces. emas[k][i] is EMA k of tensor i.
+std::vector<int64_t> plan_update_k_multi(const std::vector<std::vector<uintptr_t>>& emas,
+                                         const std::vector<uintptr_t>& params, const std::vector<int64_t>& numels,
+                                         int ema_dtype, int param_dtype, int device) {
+  const char* op = "sema ema_update_k_multi_ [cuda] plan";
+  if (emas.empty() || emas.size() > static_cast<size_t>(kMaxEmas)) {
+    throw std::invalid_argument(std::string(op) + ": " + std::to_string(emas.size()) + " EMAs; one pass takes 1 to " +
+                                std::to_string(kMaxEmas));
+  }
+  std::vector<int64_t> table;
+  dispatch_update_types(op, ema_dtype, param_dtype, [&](auto e, auto p) {
+    using E = decltype(e);
+    using P = decltype(p);
+    table = plan_k_pieces<KTraits<E, P>::V>(emas, params, numels, static_cast<int>(sizeof(typename E::Storage)),
+                                            static_cast<int>(sizeof(typename P::Storage)),
+                                            k_multi_capacity<E, P>(op, device));
+  });
+  return table;
+}
+
+// One launch of `count` blocks over a device table from plan_update_k_multi with `num_emas` EMAs.
+void ema_update_k_multi_pieces(uintptr_t pieces, int64_t count, int num_emas, int ema_dtype, int param_dtype,
+                               uintptr_t ws_ptr, int switch_index, int device, uintptr_t stream) {
+  const char* op =
+      switch_index >= 0 ? "sema ema_update_k_multi_(switch_index) [cuda]" : "sema ema_update_k_multi_ [cuda]";
+  const auto* table = reinterpret_cast<const int64_t*>(pieces);
+  const auto* ws = reinterpret_cast<const float*>(ws_ptr);
+  const auto cuda_stream = reinterpret_cast<cudaStream_t>(stream);
+  dispatch_update_types(op, ema_dtype, param_dtype, [&](auto e, auto p) {
+    launch_k_multi<decltype(e), decltype(p)>(op, table, count, num_emas, ws, switch_index, device, cuda_stream);
   });
 }
 
@@ -702,6 +992,44 @@ int sema_emulated_swap(uintptr_t ema, uintptr_t param, int64_t n, int ema_dtype,
                        char* error, int64_t error_size) {
   return report(error, error_size,
                 [&] { sema::cuda::swap(ema, param, n, ema_dtype, param_dtype, restore != 0, 0, 0); });
+}
+
+int sema_emulated_update_k(const uintptr_t* emas, int num_emas, uintptr_t param, int64_t n, int ema_dtype,
+                           int param_dtype, uintptr_t ws_ptr, int switch_index, char* error, int64_t error_size) {
+  return report(error, error_size, [&] {
+    sema::cuda::ema_update_k({emas, emas + num_emas}, param, n, ema_dtype, param_dtype, ws_ptr, switch_index, 0, 0);
+  });
+}
+
+// What sema/_ext_cuda.py does on the device for one dtype pair: one K-EMA piece table, one launch.
+// emas holds num_emas rows of `count` addresses (EMA k of tensor i at emas[k * count + i]).
+int sema_emulated_update_k_multi(const uintptr_t* emas, int num_emas, const uintptr_t* params, const int64_t* numels,
+                                 int64_t count, int ema_dtype, int param_dtype, uintptr_t ws_ptr, int switch_index,
+                                 char* error, int64_t error_size) {
+  return report(error, error_size, [&] {
+    std::vector<std::vector<uintptr_t>> ema_rows;
+    for (int k = 0; k < num_emas; ++k) ema_rows.emplace_back(emas + k * count, emas + (k + 1) * count);
+    const std::vector<int64_t> table = sema::cuda::plan_update_k_multi(
+        ema_rows, {params, params + count}, {numels, numels + count}, ema_dtype, param_dtype, 0);
+    sema::cuda::ema_update_k_multi_pieces(reinterpret_cast<uintptr_t>(table.data()),
+                                          static_cast<int64_t>(table.size()) / (num_emas + 2), num_emas, ema_dtype,
+                                          param_dtype, ws_ptr, switch_index, 0, 0);
+  });
+}
+
+// The K-EMA piece table of one dtype pair into `table` (room for `table_size` int64).
+int sema_emulated_plan_k_multi(const uintptr_t* emas, int num_emas, const uintptr_t* params, const int64_t* numels,
+                               int64_t count, int ema_dtype, int param_dtype, int64_t* table, int64_t table_size,
+                               int64_t* written, char* error, int64_t error_size) {
+  return report(error, error_size, [&] {
+    std::vector<std::vector<uintptr_t>> ema_rows;
+    for (int k = 0; k < num_emas; ++k) ema_rows.emplace_back(emas + k * count, emas + (k + 1) * count);
+    const std::vector<int64_t> plan = sema::cuda::plan_update_k_multi(
+        ema_rows, {params, params + count}, {numels, numels + count}, ema_dtype, param_dtype, 0);
+    if (static_cast<int64_t>(plan.size()) > table_size) throw std::length_error("piece table larger than the buffer");
+    std::memcpy(table, plan.data(), plan.size() * sizeof(int64_t));
+    *written = static_cast<int64_t>(plan.size());
+  });
 }
 }  // extern "C"
 #endif  // SEMA_CUDA_HOST_EMULATION

@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from sema import _extension
-from sema._extension import check_pair, check_swap_dtypes, flat_pairs
+from sema._extension import check_k, check_pair, check_swap_dtypes, flat_k_lists, flat_pairs, switch_index_code
 from sema.cpu_threads import PLANNER, SMALL_WORK_BYTES
 
 _C = _extension.extension
@@ -108,5 +108,54 @@ def ema_update_multi_(
         total * (16 if switch else 12),  # as fp32 pairs: an upper bound, for the thread plan only
         lambda threads: _C.cpu_ema_update_multi(
             ema_ptrs, param_ptrs, numels, ema_codes, param_codes, weight, bool(switch), threads
+        ),
+    )
+
+
+def ema_update_k_(emas: Sequence[Tensor], param: Tensor, ws: Tensor, switch_index: int | None = None) -> None:
+    """K EMAs of one flat param in one pass over it: ``emas[k] <- lerp(emas[k], param, ws[k])``
+    for every k, bit for bit as K calls of :func:`ema_update_`; with ``switch_index``, then
+    ``param <- cast(emas[switch_index])`` (every EMA reads the param from before the switch).
+
+    emas: K >= 1 1-D contiguous tensors of one dtype (float32 or the param's), as long as
+    ``param``; ws: a 1-D float32 CPU tensor of K weights (read on the host). Any K in one pass.
+    Bytes per element: 4 + 8K (fp32), 2 + 8K (bf16 params, fp32 EMAs), + the param write with a
+    switch."""
+    op = "sema cpp ema_update_k_"
+    ema_dtype, param_dtype, switch_code = check_k(op, emas, param, ws, switch_index, "cpu")
+    weights = ws.tolist()
+    n = param.numel()
+    ema_ptrs, param_ptr = [e.data_ptr() for e in emas], param.data_ptr()
+    nbytes = n * (2 * len(emas) * emas[0].element_size() + (2 if switch_code >= 0 else 1) * param.element_size())
+
+    def run(threads: int) -> None:
+        _C.cpu_ema_update_k(ema_ptrs, param_ptr, n, ema_dtype, param_dtype, weights, switch_code, threads)
+
+    if nbytes < SMALL_WORK_BYTES and not PLANNER.forced:  # the planner's answer, without its overhead
+        run(1)
+        return
+    PLANNER.run(("cpp update_k", ema_dtype, param_dtype, len(emas), switch_code >= 0), nbytes, run)
+
+
+def ema_update_k_multi_(
+    emas: Sequence[Sequence[Tensor]], params: Sequence[Tensor], ws: Tensor, switch_index: int | None = None
+) -> None:
+    """:func:`ema_update_k_` over lists of dense tensors of any shape, in one call into C++:
+    ``emas[k]`` is the k-th EMA's list, one tensor per param. Each param is read once."""
+    op = "sema cpp ema_update_k_multi_"
+    flat_emas, flat_params, ema_codes, param_codes = flat_k_lists(op, emas, params, ws, "cpu")
+    switch_code = switch_index_code(op, switch_index, len(flat_emas))
+    if not flat_params:
+        return
+    weights = ws.tolist()
+    ema_ptrs = [[e.data_ptr() for e in row] for row in flat_emas]
+    param_ptrs = [p.data_ptr() for p in flat_params]
+    numels = [p.numel() for p in flat_params]
+    k = len(flat_emas)
+    PLANNER.run(
+        ("cpp update_k_multi", k, switch_code >= 0),
+        sum(numels) * (8 * k + (8 if switch_code >= 0 else 4)),  # as fp32: an upper bound, for the thread plan only
+        lambda threads: _C.cpu_ema_update_k_multi(
+            ema_ptrs, param_ptrs, numels, ema_codes, param_codes, weights, switch_code, threads
         ),
     )

@@ -16,14 +16,23 @@ from __future__ import annotations
 
 import functools
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
 
 from sema import _extension
-from sema._extension import DTYPE_CODES, check_pair, check_swap_dtypes, flat_pairs
+from sema._extension import (
+    DTYPE_CODES,
+    check_k,
+    check_pair,
+    check_swap_dtypes,
+    flat_k_lists,
+    flat_pairs,
+    k_passes,
+    switch_index_code,
+)
 
 _C = _extension.extension
 PIECE_TABLE_CACHE_SIZE = 16
@@ -133,6 +142,22 @@ _piece_tables: OrderedDict[tuple, PieceTables] = OrderedDict()
 _captured_piece_tables: dict[tuple, PieceTables] = {}
 
 
+def _upload(
+    spans: list[tuple[int, int, int, int]], values: list[int], device: torch.device, stream: torch.cuda.Stream
+) -> PieceTables:
+    """Copies the tables ``values`` to the device without a host sync; ``spans`` are (ema code,
+    param code, offset in values, row count) per launch."""
+    host = torch.tensor(values, dtype=torch.int64).pin_memory()
+    with torch.cuda.stream(stream):
+        storage = torch.empty(host.shape, dtype=torch.int64, device=device)
+        storage.copy_(host, non_blocking=True)
+        uploaded = torch.cuda.Event()
+        uploaded.record(stream)
+    base = storage.data_ptr()
+    launches = [(e, p, base + 8 * offset, count) for e, p, offset, count in spans]
+    return PieceTables(launches, storage, uploaded, {stream.cuda_stream})
+
+
 def _plan_and_upload(
     emas: Sequence[Tensor], params: Sequence[Tensor], device: torch.device, stream: torch.cuda.Stream
 ) -> PieceTables:
@@ -150,20 +175,19 @@ def _plan_and_upload(
         if table:
             spans.append((ema_code, param_code, len(values), len(table) // 3))
             values += table
-    host = torch.tensor(values, dtype=torch.int64).pin_memory()
-    with torch.cuda.stream(stream):
-        storage = torch.empty(host.shape, dtype=torch.int64, device=device)
-        storage.copy_(host, non_blocking=True)
-        uploaded = torch.cuda.Event()
-        uploaded.record(stream)
-    base = storage.data_ptr()
-    launches = [(e, p, base + 8 * offset, count) for e, p, offset, count in spans]
-    return PieceTables(launches, storage, uploaded, {stream.cuda_stream})
+    return _upload(spans, values, device, stream)
 
 
 def _tables_for(emas: Sequence[Tensor], params: Sequence[Tensor], device: torch.device) -> PieceTables:
     pairs = zip(emas, params, strict=True)
     key = (device, *[x for e, p in pairs for x in (e.data_ptr(), p.data_ptr(), e.numel(), e.dtype, p.dtype)])
+    return _cached_tables(key, device, lambda stream: _plan_and_upload(emas, params, device, stream))
+
+
+def _cached_tables(
+    key: tuple, device: torch.device, plan_and_upload: Callable[[torch.cuda.Stream], PieceTables]
+) -> PieceTables:
+    """The tables under ``key``, planned and uploaded on the current stream at the first call."""
     stream = torch.cuda.current_stream(device)
     capturing = torch.cuda.is_current_stream_capturing()
     tables = _captured_piece_tables.get(key) or _piece_tables.get(key)
@@ -173,7 +197,7 @@ def _tables_for(emas: Sequence[Tensor], params: Sequence[Tensor], device: torch.
                 "sema cuda ema_update_multi_: its piece tables are built on the first call with a set of "
                 "tensors; make one call with these tensors before CUDA-graph capture"
             )
-        tables = _plan_and_upload(emas, params, device, stream)
+        tables = plan_and_upload(stream)
         _piece_tables[key] = tables
         if len(_piece_tables) > PIECE_TABLE_CACHE_SIZE:
             _piece_tables.popitem(last=False)
@@ -221,3 +245,115 @@ def check_update_multi(emas: Sequence[Tensor], params: Sequence[Tensor], w: floa
     flat_emas, flat_params, _, _ = flat_pairs(op, emas, params, "cuda")
     for e, p in zip(flat_emas, flat_params, strict=True):
         _weight(op, w, e, p)
+
+
+# --- the K-EMA op ---------------------------------------------------------------------------
+
+
+def ema_update_k_(emas: Sequence[Tensor], param: Tensor, ws: Tensor, switch_index: int | None = None) -> None:
+    """K EMAs of one flat param in one launch that reads the param once: ``emas[k] <-
+    lerp(emas[k], param, ws[k])`` for every k, bit for bit as K calls of :func:`ema_update_`
+    with ``w = ws[k]``; with ``switch_index``, then ``param <- cast(emas[switch_index])`` (every
+    EMA reads the param from before the switch).
+
+    emas: K >= 1 1-D contiguous CUDA tensors of one dtype (float32 or the param's), as long as
+    ``param``; ws: a 1-D float32 tensor of K weights on the same device, read by the kernel (no
+    host sync; capturable in a CUDA graph). One launch takes up to 8 EMAs; more run in passes of
+    8 that each read the param once more, the pass holding ``switch_index`` last. Bytes per
+    element and pass of k EMAs: 4 + 8k (fp32), 2 + 8k (bf16 params, fp32 EMAs), + the param
+    write with a switch."""
+    op = "sema cuda ema_update_k_"
+    ema_dtype, param_dtype, switch_code = check_k(op, emas, param, ws, switch_index, "cuda")
+    stream = _stream(param.device)
+    for start, stop, local_switch in k_passes(len(emas), switch_code):
+        _C.cuda_ema_update_k(
+            [e.data_ptr() for e in emas[start:stop]],
+            param.data_ptr(),
+            param.numel(),
+            ema_dtype,
+            param_dtype,
+            ws.data_ptr() + 4 * start,
+            local_switch,
+            param.device.index,
+            stream,
+        )
+
+
+def _k_tables_for(
+    emas: Sequence[Sequence[Tensor]], params: Sequence[Tensor], device: torch.device, passes: list[tuple[int, int, int]]
+) -> PieceTables:
+    key = (
+        "k",
+        device,
+        tuple(passes),
+        *[x for p in params for x in (p.data_ptr(), p.numel(), p.dtype)],
+        *[x for row in emas for e in row for x in (e.data_ptr(), e.dtype)],
+    )
+
+    def plan_and_upload(stream: torch.cuda.Stream) -> PieceTables:
+        groups: dict[tuple[int, int], list[int]] = {}
+        for i, param in enumerate(params):
+            groups.setdefault((DTYPE_CODES[emas[0][i].dtype], DTYPE_CODES[param.dtype]), []).append(i)
+        values: list[int] = []
+        spans: list[tuple[int, int, int, int]] = []
+        for start, stop, _ in passes:  # launch order: the pass holding the switch last
+            for (ema_code, param_code), members in groups.items():
+                table = _C.cuda_plan_update_k_multi(
+                    [[emas[k][i].data_ptr() for i in members] for k in range(start, stop)],
+                    [params[i].data_ptr() for i in members],
+                    [params[i].numel() for i in members],
+                    ema_code,
+                    param_code,
+                    device.index,
+                )
+                # one launch per pass and group, empty ones included (0 blocks): the caller walks them in step
+                spans.append((ema_code, param_code, len(values), len(table) // (stop - start + 2)))
+                values += table
+        return _upload(spans, values, device, stream)
+
+    return _cached_tables(key, device, plan_and_upload)
+
+
+def ema_update_k_multi_(
+    emas: Sequence[Sequence[Tensor]], params: Sequence[Tensor], ws: Tensor, switch_index: int | None = None
+) -> None:
+    """:func:`ema_update_k_` over lists of dense tensors of any shape: ``emas[k]`` is the k-th
+    EMA's list, one tensor per param. One launch per dtype pair (and pass of 8 EMAs), each block
+    one equal piece of one tensor and its K EMAs. The caller has validated the lists (see
+    :func:`check_update_k_multi`), as for :func:`ema_update_multi_`; the piece tables are cached
+    per set of tensors. Bytes per element as the flat op, plus 8 (K + 2) bytes of table per block."""
+    if not params:
+        return
+    device = params[0].device
+    if device.type != "cuda":
+        raise ValueError(f"sema cuda ema_update_k_multi_: params[0] is on {device}, this backend serves cuda tensors")
+    emas = [list(row) for row in emas]
+    switch_code = -1 if switch_index is None else switch_index
+    passes = k_passes(len(emas), switch_code)
+    tables = _k_tables_for(emas, params, device, passes)
+    stream = _stream(device)
+    launches = iter(tables.launches)
+    groups = len(tables.launches) // len(passes)
+    for start, stop, local_switch in passes:
+        for _ in range(groups):
+            ema_code, param_code, address, count = next(launches)
+            _C.cuda_ema_update_k_multi_pieces(
+                address,
+                count,
+                stop - start,
+                ema_code,
+                param_code,
+                ws.data_ptr() + 4 * start,
+                local_switch,
+                device.index,
+                stream,
+            )
+
+
+def check_update_k_multi(
+    emas: Sequence[Sequence[Tensor]], params: Sequence[Tensor], ws: Tensor, switch_index: int | None
+) -> None:
+    """Every check of the multi-tensor K-EMA update's inputs, for callers that have not validated them."""
+    op = "sema cuda ema_update_k_multi_"
+    flat_k_lists(op, emas, params, ws, "cuda")
+    switch_index_code(op, switch_index, len(list(emas)))

@@ -18,9 +18,11 @@ import torch
 from torch import Tensor
 
 # Must equal kInterfaceVersion in csrc/bindings.cpp: a stale build is reported, never called.
-INTERFACE_VERSION = 2
+INTERFACE_VERSION = 3
 
 DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+# EMAs one CUDA K-EMA launch takes (kMaxEmas in csrc/ema_cuda.cu); more run in several passes
+MAX_EMAS_PER_PASS = 8
 
 
 def _load() -> tuple[ModuleType | None, str]:
@@ -154,3 +156,82 @@ def overlaps(a: Tensor, b: Tensor) -> bool:
         return False
     a0, b0 = a.data_ptr(), b.data_ptr()
     return a0 < b0 + b.numel() * b.element_size() and b0 < a0 + a.numel() * a.element_size()
+
+
+# --- the K-EMA op ---------------------------------------------------------------------------
+
+
+def check_k(
+    op: str, emas: Sequence[Tensor], param: Tensor, ws: Tensor, switch_index: int | None, device_type: str
+) -> tuple[int, int, int]:
+    """Checks the flat K-EMA op's inputs; returns (ema dtype code, param dtype code, switch index
+    code: -1 for None)."""
+    emas = list(emas)
+    if not emas:
+        raise ValueError(f"{op}: no EMAs; pass a list of at least one")
+    codes = check_pair(f"{op} emas[0]", emas[0], param, device_type)
+    for k, ema in enumerate(emas[1:], start=1):
+        check_pair(f"{op} emas[{k}]", ema, param, device_type)
+        if ema.dtype != emas[0].dtype:
+            raise TypeError(f"{op}: emas[{k}] is {ema.dtype} but emas[0] is {emas[0].dtype}; all EMAs share one dtype")
+    check_disjoint(op, emas)
+    check_weights(op, ws, len(emas), param.device, [*emas, param])
+    return (*codes, switch_index_code(op, switch_index, len(emas)))
+
+
+def check_weights(op: str, ws: Tensor, count: int, device: torch.device, tensors: Sequence[Tensor]) -> None:
+    """``ws`` holds one float32 weight per EMA on the tensors' device and shares no memory with them."""
+    if (
+        not isinstance(ws, Tensor)
+        or ws.dtype != torch.float32
+        or ws.dim() != 1
+        or ws.numel() != count
+        or not ws.is_contiguous()
+        or ws.device != device
+    ):
+        got = f"{ws.dtype} {tuple(ws.shape)} on {ws.device}" if isinstance(ws, Tensor) else type(ws).__name__
+        raise ValueError(f"{op}: ws must be a 1-D contiguous float32 tensor of {count} weights on {device}, got {got}")
+    if any(overlaps(ws, t) for t in tensors):
+        raise ValueError(f"{op}: ws shares memory with the tensors it updates; pass a separate tensor")
+
+
+def switch_index_code(op: str, switch_index: int | None, count: int) -> int:
+    """-1 for None, else the index after checking it is an int in [0, count)."""
+    if switch_index is None:
+        return -1
+    if isinstance(switch_index, bool) or not isinstance(switch_index, int) or not 0 <= switch_index < count:
+        raise ValueError(f"{op}: switch_index must be None or an int in [0, {count}), got {switch_index!r}")
+    return switch_index
+
+
+def k_passes(count: int, switch_index: int) -> list[tuple[int, int, int]]:
+    """(start, stop, switch index within the pass or -1): passes of at most MAX_EMAS_PER_PASS
+    EMAs, the one holding ``switch_index`` (-1: none) last, since its switch writes the param
+    that the other passes read."""
+    passes = []
+    for start in range(0, count, MAX_EMAS_PER_PASS):
+        stop = min(start + MAX_EMAS_PER_PASS, count)
+        passes.append((start, stop, switch_index - start if start <= switch_index < stop else -1))
+    return sorted(passes, key=lambda span: span[2] >= 0)
+
+
+def flat_k_lists(
+    op: str, emas: Sequence[Sequence[Tensor]], params: Sequence[Tensor], ws: Tensor, device_type: str
+) -> tuple[list[list[Tensor]], list[Tensor], list[int], list[int]]:
+    """Flat views of the multi-tensor K-EMA op's lists (emas[k][i]: EMA k of params[i]), checked
+    as the multi-tensor update checks its pairs, and no tensor of any list sharing memory with
+    another; also ``ws``. Returns (flat emas per k, flat params, ema codes, param codes)."""
+    emas = [list(row) for row in emas]
+    if not emas:
+        raise ValueError(f"{op}: no EMA lists; pass a list of at least one")
+    flat_emas, flat_params, ema_codes, param_codes = [], [], [], []
+    for k, row in enumerate(emas):
+        row_emas, flat_params, codes, param_codes = flat_pairs(f"{op} emas[{k}]", row, params, device_type)
+        if k and codes != ema_codes:
+            raise TypeError(f"{op}: emas[{k}] differs in dtype from emas[0]; the K EMAs of a tensor share one dtype")
+        flat_emas.append(row_emas)
+        ema_codes = codes
+    check_disjoint(op, [e for row in flat_emas for e in row] + flat_params)
+    if flat_params:
+        check_weights(op, ws, len(emas), flat_params[0].device, [e for row in flat_emas for e in row] + flat_params)
+    return flat_emas, flat_params, ema_codes, param_codes
