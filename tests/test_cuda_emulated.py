@@ -38,6 +38,7 @@ from conftest import (
     fp32_weight,
     pair_id,
     poisoned,
+    random_bits,
     random_values,
     special_fp32,
     update_bound,
@@ -84,6 +85,14 @@ class EmulatedKernels:
             ctypes.POINTER(i64), i64, ctypes.POINTER(i64), err, i64,
         ]  # fmt: skip
         self.lib.sema_emulated_flat_grid.argtypes = [i64, i32, ctypes.POINTER(i64), ctypes.POINTER(i64)]
+        self.lib.sema_emulated_update_k.argtypes = [ctypes.POINTER(ptr), i32, ptr, i64, i32, i32, ptr, i32, err, i64]
+        self.lib.sema_emulated_update_k_multi.argtypes = [
+            ctypes.POINTER(ptr), i32, ctypes.POINTER(ptr), ctypes.POINTER(i64), i64, i32, i32, ptr, i32, err, i64,
+        ]  # fmt: skip
+        self.lib.sema_emulated_plan_k_multi.argtypes = [
+            ctypes.POINTER(ptr), i32, ctypes.POINTER(ptr), ctypes.POINTER(i64), i64, i32, i32,
+            ctypes.POINTER(i64), i64, ctypes.POINTER(i64), err, i64,
+        ]  # fmt: skip
         self.set_max_blocks(H200_BLOCKS)
 
     def flat_grid(self, n: int, vector: int) -> tuple[int, int]:
@@ -165,6 +174,72 @@ class EmulatedKernels:
             w_ptr,
             switch,
         )
+
+    @staticmethod
+    def _weights(ws: Tensor) -> int:
+        assert ws.dtype == torch.float32 and ws.dim() == 1 and ws.is_contiguous() and ws.device.type == "cpu"
+        return ws.data_ptr()  # read by the kernels, as on the GPU
+
+    def ema_update_k_(self, emas: list[Tensor], param: Tensor, ws: Tensor, switch_index: int | None) -> None:
+        """K EMAs of one flat param in one launch (K <= 8)."""
+        codes = self._pair(emas[0], param)
+        for ema in emas:
+            assert self._pair(ema, param) == codes
+        self._call(
+            self.lib.sema_emulated_update_k,
+            (ctypes.c_size_t * len(emas))(*[e.data_ptr() for e in emas]),
+            len(emas),
+            param.data_ptr(),
+            param.numel(),
+            *codes,
+            self._weights(ws),
+            -1 if switch_index is None else switch_index,
+        )
+
+    def _k_arrays(self, emas: list[list[Tensor]], params: list[Tensor]) -> tuple:
+        n, k = len(params), len(emas)
+        return (
+            (ctypes.c_size_t * (k * n))(*[e.data_ptr() for row in emas for e in row]),
+            k,
+            (ctypes.c_size_t * n)(*[p.data_ptr() for p in params]),
+            (ctypes.c_int64 * n)(*[p.numel() for p in params]),
+            n,
+        )
+
+    def ema_update_k_multi_(
+        self, emas: list[list[Tensor]], params: list[Tensor], ws: Tensor, switch_index: int | None
+    ) -> None:
+        """emas[k][i] is EMA k of params[i]; one piece table and one launch per dtype pair, as
+        sema/_ext_cuda.py does on the device."""
+        groups: dict[tuple[int, int], list[int]] = {}
+        for i, param in enumerate(params):
+            codes = self._pair(emas[0][i], param)
+            assert all(self._pair(row[i], param) == codes for row in emas)
+            groups.setdefault(codes, []).append(i)
+        for codes, members in groups.items():
+            self._call(
+                self.lib.sema_emulated_update_k_multi,
+                *self._k_arrays([[row[i] for i in members] for row in emas], [params[i] for i in members]),
+                *codes,
+                self._weights(ws),
+                -1 if switch_index is None else switch_index,
+            )
+
+    def plan_k_multi(self, emas: list[list[Tensor]], params: list[Tensor]) -> list[tuple[int, ...]]:
+        """The K-EMA piece table of one dtype pair: (param address, count, K EMA addresses)."""
+        k = len(emas)
+        room = (k + 2) * (H200_BLOCKS + len(params) + 16)
+        table, written = (ctypes.c_int64 * room)(), ctypes.c_int64()
+        self._call(
+            self.lib.sema_emulated_plan_k_multi,
+            *self._k_arrays(emas, params),
+            *self._pair(emas[0][0], params[0]),
+            table,
+            room,
+            ctypes.byref(written),
+        )
+        values = [table[i] for i in range(written.value)]
+        return [tuple(values[i : i + k + 2]) for i in range(0, len(values), k + 2)]
 
     def switch_(self, ema: Tensor, param: Tensor) -> None:
         codes = self._pair(ema, param)
@@ -360,6 +435,200 @@ def test_multi_piece_table(kernels, pair, count, blocks, generator):
     assert next(rows, None) is None, "pieces past the last tensor"
     if 2 * sum(n > 0 for n in sizes) <= blocks:
         assert len(pieces) <= blocks, f"{len(pieces)} pieces for {blocks} resident blocks"
+
+
+# --- K EMAs in one pass -------------------------------------------------------------------
+
+# Tiles of the K-EMA kernels: 4 (16-byte EMA vectors) or 2 (32-byte) vectors per thread, so 4096
+# elements for fp32 EMAs, 8192 for flat 16-bit pairs, 4096 for multi-tensor 16-bit pairs.
+K_SIZES = [0, 1, 15, 17, 1025, 2047, 4095, 4096, 4097, 8191, 8192, 8193, 3 * 8192 + 5]
+K_COUNTS = [1, 2, 3, 8]
+
+
+def k_weights(k: int, generator: torch.Generator) -> Tensor:
+    """K fp32 weights: the edge weights 0, 1, 0.5 and 1e-4 among random ones."""
+    edges = torch.tensor([0.0, 1.0, 0.5, 1e-4])
+    ws = torch.rand(k, generator=generator)
+    picks = torch.randperm(k, generator=generator)[: min(k, 2)]
+    ws[picks] = edges[torch.randint(0, 4, (picks.numel(),), generator=generator)]
+    return ws
+
+
+def k_single_updates(kernels, emas: list[Tensor], param: Tensor, ws: Tensor, switch_index: int | None) -> None:
+    """The contract's definition: K separate single-op updates (w = ws[k] read through a pointer),
+    then switch_(emas[switch_index], param)."""
+    for k, ema in enumerate(emas):
+        kernels.ema_update_(ema, param, ws[k : k + 1].view(()), False)
+    if switch_index is not None:
+        kernels.switch_(emas[switch_index], param)
+
+
+def switch_ids(k: int) -> list[int | None]:
+    return [None, 0, k - 1] if k > 1 else [None, 0]
+
+
+@pytest.mark.parametrize("n", K_SIZES, ids=lambda n: f"n{n}")
+@pytest.mark.parametrize("k", K_COUNTS, ids=lambda k: f"K{k}")
+@pytest.mark.parametrize("pair", DTYPE_PAIRS, ids=pair_id)
+def test_k_update_bit_equal_to_k_single_updates(kernels, pair, k, n, generator):
+    """Every switch_index (None, 0, K-1), many steps, one block or an H200's: bit for bit the K
+    single updates, NaN payloads included."""
+    param_dtype, ema_dtype = pair
+    emas = [random_values(n, ema_dtype, generator) for _ in range(k)]
+    expected = [e.clone() for e in emas]
+    for step, switch_index in enumerate(switch_ids(k) * 2):
+        param = random_values(n, param_dtype, generator)
+        expected_param = param.clone()
+        ws = k_weights(k, generator)
+        with kernels.max_blocks(BLOCKS[step % 2]):
+            kernels.ema_update_k_(emas, param, ws, switch_index)
+        k_single_updates(kernels, expected, expected_param, ws, switch_index)
+        what = f"step {step}, switch_index {switch_index}, ws {ws.tolist()}"
+        for i in range(k):
+            assert_bits_equal(emas[i], expected[i], f"{what}: EMA {i}")
+        assert_bits_equal(param, expected_param, f"{what}: param")
+
+
+@pytest.mark.parametrize("k", [2, 8], ids=lambda k: f"K{k}")
+@pytest.mark.parametrize("pair", DTYPE_PAIRS, ids=pair_id)
+def test_k_update_large_and_nonfinite(kernels, pair, k, generator):
+    """2**20 + 3 elements of random bit patterns (NaN payloads, Inf, subnormals) in the EMAs and
+    the param, the switch to the last EMA: bit for bit the K single updates."""
+    param_dtype, ema_dtype = pair
+    n = 2**20 + 3
+    emas = [random_bits(n, ema_dtype, generator) for _ in range(k)]
+    param = random_bits(n, param_dtype, generator)
+    expected, expected_param = [e.clone() for e in emas], param.clone()
+    ws = k_weights(k, generator)
+    kernels.ema_update_k_(emas, param, ws, k - 1)
+    k_single_updates(kernels, expected, expected_param, ws, k - 1)
+    for i in range(k):
+        assert_bits_equal(emas[i], expected[i], f"EMA {i}")
+    assert_bits_equal(param, expected_param, "param")
+
+
+@pytest.mark.parametrize("blocks", BLOCKS)
+@pytest.mark.parametrize("pair", DTYPE_PAIRS, ids=pair_id)
+def test_k_update_unaligned_views(kernels, pair, blocks, generator):
+    """One EMA view, or the param view, starting 1-3 elements in: the piece takes the scalar
+    path; the bytes before each view stay."""
+    param_dtype, ema_dtype = pair
+    n, k = 3 * 8192 + 77, 3
+    for offsets in ([0, 1, 0, 0], [0, 0, 0, 3], [2, 0, 0, 0], [1, 1, 1, 1]):  # (param, EMA 0, 1, 2)
+        buffers = [random_values(n + 3, ema_dtype, generator) for _ in range(k)]
+        param_buffer = random_values(n + 3, param_dtype, generator)
+        heads = [b.clone() for b in [param_buffer, *buffers]]
+        emas = [b[o : o + n] for b, o in zip(buffers, offsets[1:], strict=True)]
+        param = param_buffer[offsets[0] : offsets[0] + n]
+        expected, expected_param = [e.clone() for e in emas], param.clone()
+        ws = k_weights(k, generator)
+        with kernels.max_blocks(blocks):
+            kernels.ema_update_k_(emas, param, ws, 1)
+        k_single_updates(kernels, expected, expected_param, ws, 1)
+        for i in range(k):
+            assert_bits_equal(emas[i], expected[i], f"offsets {offsets}: EMA {i}")
+        assert_bits_equal(param, expected_param, f"offsets {offsets}: param")
+        for buffer, head, offset in zip([param_buffer, *buffers], heads, offsets, strict=True):
+            assert_bits_equal(buffer[:offset], head[:offset], f"offsets {offsets}: bytes before a view")
+            assert_bits_equal(buffer[offset + n :], head[offset + n :], f"offsets {offsets}: bytes after a view")
+
+
+@pytest.mark.parametrize("switch_index", [None, 0, 2], ids=lambda s: f"switch{s}")
+@pytest.mark.parametrize("blocks", [3, H200_BLOCKS])
+def test_k_multi_many_tensors(kernels, blocks, switch_index, generator):
+    """150 tensors of mixed dtype pairs and sizes (0 included), K = 3: bit for bit the K single
+    updates of each tensor."""
+    k = 3
+    emas: list[list[Tensor]] = [[] for _ in range(k)]
+    params = []
+    for i in range(150):
+        param_dtype, ema_dtype = DTYPE_PAIRS[i % len(DTYPE_PAIRS)]
+        n = (i * 7919) % 20_000 if i % 11 else 0
+        for row in emas:
+            row.append(random_values(n, ema_dtype, generator))
+        params.append(random_values(n, param_dtype, generator))
+    expected = [[e.clone() for e in row] for row in emas]
+    expected_params = [p.clone() for p in params]
+    ws = k_weights(k, generator)
+    with kernels.max_blocks(blocks):
+        kernels.ema_update_k_multi_(emas, params, ws, switch_index)
+    for i in range(len(params)):
+        k_single_updates(kernels, [row[i] for row in expected], expected_params[i], ws, switch_index)
+        for j in range(k):
+            assert_bits_equal(emas[j][i], expected[j][i], f"tensor {i}, EMA {j}")
+        assert_bits_equal(params[i], expected_params[i], f"tensor {i}, param")
+
+
+@pytest.mark.parametrize("k", [1, 8], ids=lambda k: f"K{k}")
+@pytest.mark.parametrize("pair", [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16)], ids=pair_id)
+def test_k_multi_unaligned_and_many_steps(kernels, pair, k, generator):
+    """Views at odd offsets among aligned ones, 6 steps, switching EMA (step % K) each step."""
+    param_dtype, ema_dtype = pair
+    sizes = [5000, 1, 8193, 4096, 12_345]
+    offsets = [0, 1, 3, 0, 2]
+    emas = [[random_values(n + 4, ema_dtype, generator)[o : o + n] for n, o in zip(sizes, offsets, strict=True)]]
+    emas += [[random_values(n, ema_dtype, generator) for n in sizes] for _ in range(k - 1)]
+    params = [
+        random_values(n + 4, param_dtype, generator)[o : o + n] for n, o in zip(sizes, offsets[::-1], strict=True)
+    ]
+    expected = [[e.clone() for e in row] for row in emas]
+    expected_params = [p.clone() for p in params]
+    for step in range(6):
+        ws = k_weights(k, generator)
+        switch_index = step % k
+        kernels.ema_update_k_multi_(emas, params, ws, switch_index)
+        for i in range(len(sizes)):
+            k_single_updates(kernels, [row[i] for row in expected], expected_params[i], ws, switch_index)
+        for i in range(len(sizes)):
+            for j in range(k):
+                assert_bits_equal(emas[j][i], expected[j][i], f"step {step}: tensor {i}, EMA {j}")
+            assert_bits_equal(params[i], expected_params[i], f"step {step}: tensor {i}, param")
+
+
+@pytest.mark.parametrize("blocks", [1, 7, H200_BLOCKS])
+@pytest.mark.parametrize("k", [1, 3, 8], ids=lambda k: f"K{k}")
+def test_k_multi_piece_table_cuts_as_the_single_table(kernels, k, blocks, generator):
+    """The K-EMA table cuts every tensor where the single-op table does; each row's EMA k address
+    is EMA k's base plus the row's offset into the tensor."""
+    sizes = torch.randint(0, 40_000, (40,), generator=generator).tolist()
+    sizes[0], sizes[-1] = max(sizes[0], 1), 0
+    params = [torch.empty(n, dtype=torch.bfloat16) for n in sizes]
+    emas = [[torch.empty(n) for n in sizes] for _ in range(k)]
+    with kernels.max_blocks(blocks):
+        rows = kernels.plan_k_multi(emas, params)
+        singles = kernels.plan_multi(emas[0], params)
+    assert len(rows) == len(singles), f"{len(rows)} K-EMA pieces, {len(singles)} single-op pieces"
+    owner = {p.data_ptr(): i for i, p in enumerate(params) if p.numel()}
+    for r, (row, single) in enumerate(zip(rows, singles, strict=True)):
+        param_at, count, *ema_at = row
+        assert (param_at, count) == (single[1], single[2]), f"row {r}: {row[:2]} vs {single[1:]}"
+        assert ema_at[0] == single[0], f"row {r}: EMA 0 address"
+        base = max(a for a in owner if a <= param_at)
+        offset = (param_at - base) // 2
+        for j in range(k):
+            expected = emas[j][owner[base]].data_ptr() + 4 * offset
+            assert ema_at[j] == expected, f"row {r}: EMA {j} at {ema_at[j]}, expected {expected}"
+
+
+def test_k_negative_control_switch_before_the_last_read(kernels, generator):
+    """A wrong K-EMA (EMA 0 switches the param before EMA 1 reads it) fails the comparison the
+    tests above make."""
+    n = 3 * TILE + 5
+    emas = [random_values(n, torch.float32, generator) for _ in range(2)]
+    param = random_values(n, torch.float32, generator)
+    expected, expected_param = [e.clone() for e in emas], param.clone()
+    ws = torch.tensor([0.3, 0.6])
+    kernels.ema_update_(emas[0], param, ws[0:1].view(()), True)  # switches first: wrong
+    kernels.ema_update_(emas[1], param, ws[1:2].view(()), False)
+    k_single_updates(kernels, expected, expected_param, ws, 0)
+    with pytest.raises(AssertionError):
+        assert_bits_equal(emas[1], expected[1], "EMA 1")
+
+
+def test_k_update_refuses_more_than_8_emas_per_pass(kernels):
+    emas = [torch.zeros(4) for _ in range(9)]
+    with pytest.raises(RuntimeError, match=r"9 EMAs; one pass takes 1 to 8"):
+        kernels.ema_update_k_(emas, torch.zeros(4), torch.zeros(9), None)
 
 
 # --- switch and swap ----------------------------------------------------------------------

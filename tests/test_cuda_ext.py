@@ -178,6 +178,174 @@ def test_past_2_31_elements():
     torch.cuda.empty_cache()
 
 
+# --- K EMAs in one pass (issue #14 section 2) ---------------------------------------------
+
+K_SIZES = [0, 1, 17, 4097, 8193, 2**20 + 3]
+
+
+def k_weights(k: int, generator: torch.Generator) -> torch.Tensor:
+    """K fp32 weights on the GPU: the edge weights 0, 1, 0.5 and 1e-4 among random ones."""
+    edges = torch.tensor([0.0, 1.0, 0.5, 1e-4])
+    ws = torch.rand(k, generator=generator)
+    picks = torch.randperm(k, generator=generator)[: min(k, 2)]
+    ws[picks] = edges[torch.randint(0, 4, (picks.numel(),), generator=generator)]
+    return ws.cuda()
+
+
+def k_single_updates(emas, param, ws, switch_index) -> None:
+    """The contract's definition, on the same backend: K single updates (w = ws[k], read on the
+    device), then switch_(emas[switch_index], param)."""
+    for k, ema in enumerate(emas):
+        _ext_cuda.ema_update_(ema, param, ws[k])
+    if switch_index is not None:
+        _ext_cuda.switch_(emas[switch_index], param)
+
+
+def check_k_step(emas, param, ws, switch_index, what: str) -> None:
+    expected, expected_param = [e.clone() for e in emas], param.clone()
+    _ext_cuda.ema_update_k_(emas, param, ws, switch_index)
+    k_single_updates(expected, expected_param, ws, switch_index)
+    for k in range(len(emas)):
+        assert_bits_equal(emas[k], expected[k], f"{what}: EMA {k}")
+    assert_bits_equal(param, expected_param, f"{what}: param")
+
+
+@needs_cuda
+@pytest.mark.parametrize("n", K_SIZES, ids=size_id)
+@pytest.mark.parametrize("k", [1, 2, 3, 8, 11], ids=lambda k: f"K{k}")
+@pytest.mark.parametrize("pair", DTYPE_PAIRS, ids=pair_id)
+def test_k_update_bit_equal_to_k_single_updates(pair, k, n, generator):
+    """Many steps, switch_index cycling None, 0, K-1; K = 11 runs as passes of 8 and 3."""
+    param_dtype, ema_dtype = pair
+    emas = [on_gpu(n, ema_dtype, generator) for _ in range(k)]
+    for step in range(12 if n < 2**20 else 3):
+        switch_index = [None, 0, k - 1][step % 3]
+        check_k_step(emas, on_gpu(n, param_dtype, generator), k_weights(k, generator), switch_index, f"step {step}")
+
+
+@needs_cuda
+@pytest.mark.parametrize("pair", DTYPE_PAIRS, ids=pair_id)
+def test_k_update_nonfinite_unaligned_and_large(pair, generator):
+    """Random bit patterns (NaN payloads, Inf, subnormals); views one element in; 2**24 + 5."""
+    param_dtype, ema_dtype = pair
+    n = 2**16 + 5
+    emas = [random_bits(n, ema_dtype, generator).cuda() for _ in range(3)]
+    check_k_step(emas, random_bits(n, param_dtype, generator).cuda(), k_weights(3, generator), 2, "bits")
+    buffers = [on_gpu(n + 1, ema_dtype, generator) for _ in range(3)]
+    emas = [buffers[0][1:], buffers[1][:-1], buffers[2][1:]]
+    check_k_step(emas, on_gpu(n + 1, param_dtype, generator)[1:], k_weights(3, generator), 1, "unaligned")
+    n = 2**24 + 5
+    emas = [on_gpu(n, ema_dtype, generator) for _ in range(2)]
+    check_k_step(emas, on_gpu(n, param_dtype, generator), k_weights(2, generator), 0, "2**24 + 5")
+
+
+@needs_cuda
+@pytest.mark.parametrize("k", [3, 10], ids=lambda k: f"K{k}")
+@pytest.mark.parametrize("switch_index", [None, 0, -1], ids=lambda s: f"switch{s}")
+def test_k_multi_many_tensors(k, switch_index, generator):
+    """150 tensors of mixed dtype pairs and sizes (0 included): bit for bit the K single updates;
+    K = 10 runs as passes of 8 and 2, the pass holding the switch last."""
+    switch_index = k - 1 if switch_index == -1 else switch_index
+    emas, params = [[] for _ in range(k)], []
+    for i in range(150):
+        param_dtype, ema_dtype = DTYPE_PAIRS[i % len(DTYPE_PAIRS)]
+        n = (i * 7919) % 20_000 if i % 11 else 0
+        for row in emas:
+            row.append(on_gpu(n, ema_dtype, generator))
+        params.append(on_gpu(n, param_dtype, generator))
+    _ext_cuda.check_update_k_multi(emas, params, k_weights(k, generator), switch_index)
+    for step in range(3):
+        ws = k_weights(k, generator)
+        expected = [[e.clone() for e in row] for row in emas]
+        expected_params = [p.clone() for p in params]
+        _ext_cuda.ema_update_k_multi_(emas, params, ws, switch_index)
+        for i in range(len(params)):
+            k_single_updates([row[i] for row in expected], expected_params[i], ws, switch_index)
+            for j in range(k):
+                assert_bits_equal(emas[j][i], expected[j][i], f"step {step}: tensor {i}, EMA {j}")
+            assert_bits_equal(params[i], expected_params[i], f"step {step}: tensor {i}, param")
+
+
+@needs_cuda
+@pytest.mark.parametrize("multi", [False, True], ids=["flat", "multi"])
+def test_k_weights_in_a_cuda_graph(multi, generator):
+    """ws read on the device: a captured K-EMA update follows the values ws holds at replay."""
+    n, k = 2**20 + 3, 3
+    emas = [on_gpu(n, torch.float32, generator) for _ in range(k)]
+    param = on_gpu(n, torch.bfloat16, generator)
+    ws = k_weights(k, generator)
+
+    def update() -> None:
+        if multi:
+            _ext_cuda.ema_update_k_multi_([[e] for e in emas], [param], ws, 1)
+        else:
+            _ext_cuda.ema_update_k_(emas, param, ws, 1)
+
+    saved = [e.clone() for e in emas], param.clone()
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):  # warm up (kernels, piece tables) outside the capture
+        update()
+    torch.cuda.current_stream().wait_stream(stream)
+    for e, s in zip(emas, saved[0], strict=True):
+        e.copy_(s)
+    param.copy_(saved[1])
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        update()
+    expected, expected_param = [e.clone() for e in emas], param.clone()
+    for values in ([0.25, 0.75, 1e-4], [1.0, 0.0, 0.5]):
+        ws.copy_(torch.tensor(values))
+        graph.replay()
+        k_single_updates(expected, expected_param, ws, 1)
+        torch.cuda.synchronize()
+        for j in range(k):
+            assert_bits_equal(emas[j], expected[j], f"replay with ws={values}: EMA {j}")
+        assert_bits_equal(param, expected_param, f"replay with ws={values}: param")
+
+
+@needs_cuda
+def test_k_update_runs_on_the_current_stream(generator):
+    n = 2**22
+    emas = [on_gpu(n, torch.float32, generator) for _ in range(2)]
+    param = on_gpu(n, torch.float16, generator)
+    expected, expected_param = [e.clone() for e in emas], param.clone()
+    ws = torch.tensor([0.1, 0.01], device="cuda")
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(3):
+            _ext_cuda.ema_update_k_(emas, param, ws, 0)
+            param.add_(1.0)  # ordered after the kernel only if it ran on this stream
+    torch.cuda.current_stream().wait_stream(stream)
+    for _ in range(3):
+        k_single_updates(expected, expected_param, ws, 0)
+        expected_param.add_(1.0)
+    for j in range(2):
+        assert_same(emas[j], expected[j], f"EMA {j} after a side stream")
+    assert_same(param, expected_param, "param after a side stream")
+
+
+@needs_cuda
+def test_k_piece_table_cached(monkeypatch, generator):
+    """The second call with the same tensors plans nothing: it launches over the cached table."""
+    emas = [[on_gpu(5000, torch.float32, generator) for _ in range(3)] for _ in range(2)]
+    params = [on_gpu(5000, torch.bfloat16, generator) for _ in range(3)]
+    ws = k_weights(2, generator)
+    _ext_cuda.ema_update_k_multi_(emas, params, ws, None)
+
+    def fail(*args, **kwargs):
+        raise AssertionError("planned again")
+
+    monkeypatch.setattr(_ext_cuda._C, "cuda_plan_update_k_multi", fail)
+    expected = [[e.clone() for e in row] for row in emas]
+    expected_params = [p.clone() for p in params]
+    _ext_cuda.ema_update_k_multi_(emas, params, ws, 0)
+    for i in range(3):
+        k_single_updates([row[i] for row in expected], expected_params[i], ws, 0)
+        assert_bits_equal(params[i], expected_params[i], f"tensor {i}, param")
+
+
 # --- multi-tensor piece tables: cached, validated once, stream safe ------------------------
 
 
@@ -380,6 +548,12 @@ def test_bad_input_raises_before_cuda(monkeypatch):
             _ext_cuda.ema_update_multi_([ema], [param], 0.1)
         with pytest.raises(ValueError, match="serves cuda tensors"):
             _ext_cuda.check_update_multi([ema], [param], 0.1)
+        with pytest.raises(ValueError, match="serves cuda tensors"):
+            _ext_cuda.ema_update_k_([ema], param, torch.zeros(1), None)
+        with pytest.raises(ValueError, match="serves cuda tensors"):
+            _ext_cuda.ema_update_k_multi_([[ema]], [param], torch.zeros(1), None)
+        with pytest.raises(ValueError, match="serves cuda tensors"):
+            _ext_cuda.check_update_k_multi([[ema]], [param], torch.zeros(1), None)
     if torch.cuda.is_available():
         ema, param = torch.zeros(16, device="cuda"), torch.zeros(16, device="cuda")
         with pytest.raises(ValueError, match="w as a tensor"):
@@ -396,6 +570,17 @@ def test_bad_input_raises_before_cuda(monkeypatch):
             _ext_cuda.check_update_multi([ema, ema[:8]], [param, param[8:].clone()], 0.1)
         with pytest.raises(ValueError, match="w shares memory"):
             _ext_cuda.check_update_multi([ema], [param], param[0])
+        other = torch.zeros(16, device="cuda")
+        with pytest.raises(ValueError, match="ws must be a 1-D contiguous float32 tensor of 2 weights"):
+            _ext_cuda.ema_update_k_([ema, other], param, torch.zeros(2), None)  # ws on the CPU
+        with pytest.raises(ValueError, match="switch_index"):
+            _ext_cuda.ema_update_k_([ema, other], param, torch.zeros(2, device="cuda"), 2)
+        with pytest.raises(ValueError, match="share memory"):
+            _ext_cuda.ema_update_k_([ema, ema[:16]], param, torch.zeros(2, device="cuda"), None)
+        with pytest.raises(ValueError, match="ws shares memory"):
+            _ext_cuda.ema_update_k_([ema, other], param, param[:2], None)
+        with pytest.raises(ValueError, match="share memory"):
+            _ext_cuda.check_update_k_multi([[ema], [ema]], [param], torch.zeros(2, device="cuda"), None)
 
 
 def test_availability_says_why():

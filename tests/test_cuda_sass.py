@@ -16,6 +16,15 @@ per kernel family (update, update + switch, switch, swap, multi-tensor update):
   1280 threads (5 blocks of 256) per SM.
 - bytes in flight: occupancy x the run above x 16 bytes >= 80 KB per SM (2.4x the need).
 
+The K-EMA kernels (``ema_k_kernel``, ``ema_k_multi_kernel``: K EMAs of one param, one pass) load
+a tile of the param once, then walk the EMAs: each EMA step loads that EMA's tile (all its loads
+before its first store) and stores it. Their first step (param + EMA 0) is the run above and is
+held to the same bound; each later step has only the EMA's share of that run in flight (u
+vectors of L_ema 16-byte loads, u = run / (L_param + L_ema)), held to >= 40 KB per SM (1.2x the
+need): 80 KB for the flat kernels, 40 KB for the multi-tensor ones with 16-bit EMAs, whose
+tile is halved to stay within 48 registers with no spill (their piece addresses live in
+registers, not in the kernel arguments).
+
 Each assertion fails on the kernels before this layout (``git show f2d5097:csrc/ema_cuda.cu >
 /tmp/old_ema_cuda.cu; SEMA_CUDA_SOURCE=/tmp/old_ema_cuda.cu pytest tests/test_cuda_sass.py``):
 all 15 family tests fail there (runs of 1-4 loads; 46-64 registers, so every family has kernels
@@ -51,7 +60,9 @@ MIN_BYTES_IN_FLIGHT_PER_SM = 80 * 1024
 
 OPS = {0: "update", 1: "update_switch", 2: "switch", 3: "exchange", 4: "pack", 5: "unpack"}
 ELEMENT_BYTES = {"Float32": 4, "Word32": 4, "BFloat16": 2, "Float16": 2, "Word16": 2}
-FAMILIES = ["update", "update_switch", "switch", "swap", "multi_update"]
+MIN_BYTES_IN_FLIGHT_PER_EMA_STEP = 40 * 1024
+FAMILIES = ["update", "update_switch", "switch", "swap", "multi_update", "k_update", "k_multi_update"]
+K_FAMILIES = {"k_update": "ema_k_kernel", "k_multi_update": "ema_k_multi_kernel"}
 
 
 def find_tool(name: str) -> str | None:
@@ -79,7 +90,7 @@ def find_tool(name: str) -> str | None:
 @dataclass
 class Kernel:
     name: str  # mangled
-    kind: str  # "ema_kernel" or "ema_multi_kernel"
+    kind: str  # "ema_kernel", "ema_multi_kernel", "ema_k_kernel" or "ema_k_multi_kernel"
     ema: str
     param: str
     op: str
@@ -97,15 +108,27 @@ class Kernel:
         read = vector * e + (vector * p if self.op != "switch" else 0)
         return read // 16
 
+    @property
+    def ema_loads_per_vector(self) -> int:
+        """16-byte loads of one EMA's share of a vector step."""
+        e, p = ELEMENT_BYTES[self.ema], ELEMENT_BYTES[self.param]
+        return 16 // min(e, p) * e // 16
+
+    def ema_step_loads(self, run: int) -> int:
+        """The loads of one EMA step of a K-EMA kernel whose first step is a run of ``run``."""
+        return run // self.loads_per_vector * self.ema_loads_per_vector
+
     def __str__(self) -> str:
         return f"{self.kind}<{self.ema}, {self.param}, {self.op}>"
 
 
 def demangle(name: str) -> tuple[str, str, str, str]:
-    """(kernel, ema type, param type, op) from names like ...10ema_kernelINS1_7Float32ES3_LNS1_2OpE1EEEv..."""
+    """(kernel, ema type, param type, op) from names like ...10ema_kernelINS1_7Float32ES3_LNS1_2OpE1EEEv...
+    or ...12ema_k_kernelINS1_7Float32ENS1_8BFloat16EEEv... (op "update_k")."""
     match = re.search(r"(ema_multi_kernel|ema_kernel)I(.*?)LNS1_2OpE(\d)E", name)
-    assert match, f"not a sema kernel: {name}"
-    types, rest = [], match.group(2)
+    k_match = re.search(r"(ema_k_multi_kernel|ema_k_kernel)I(.*?)EEv", name)
+    assert match or k_match, f"not a sema kernel: {name}"
+    types, rest = [], (match or k_match).group(2)
     while rest:
         if rest.startswith("S3_"):
             types.append(types[0])
@@ -117,6 +140,8 @@ def demangle(name: str) -> tuple[str, str, str, str]:
         types.append(rest[start : start + length])
         rest = rest[start + length + 1 :]  # and the closing E
     assert len(types) == 2, f"expected two element types in {name}"
+    if k_match:
+        return k_match.group(1), types[0], types[1], "update_k"
     return match.group(1), types[0], types[1], OPS[int(match.group(3))]
 
 
@@ -185,7 +210,9 @@ def compiled(tmp_path_factory) -> tuple[list[Kernel], int]:
 
 def family(kernels: list[Kernel], name: str) -> list[Kernel]:
     flat = [k for k in kernels if k.kind == "ema_kernel"]
-    if name == "multi_update":
+    if name in K_FAMILIES:
+        selected = [k for k in kernels if k.kind == K_FAMILIES[name]]
+    elif name == "multi_update":
         multi = [k for k in kernels if k.kind == "ema_multi_kernel"]
         # before the piece tables, the multi-tensor launch was the flat kernel with a table argument
         selected = multi or [k for k in flat if k.takes_table and k.op in ("update", "update_switch")]
@@ -236,6 +263,24 @@ def test_bytes_in_flight_per_sm(compiled, name):
     assert not short, "\n".join(short)
 
 
+@pytest.mark.parametrize("name", list(K_FAMILIES))
+def test_bytes_in_flight_per_ema_step(compiled, name):
+    """After the first step a K-EMA kernel holds the param tile in registers and loads one EMA's
+    tile per step: that share of the first run, at the kernel's occupancy."""
+    kernels, block_threads = compiled
+    short = []
+    for kernel in family(kernels, name):
+        run = longest_load_run(kernel.sass)
+        step = kernel.ema_step_loads(run)
+        in_flight = threads_per_sm(kernel.registers, block_threads) * step * 16
+        if run % kernel.loads_per_vector or in_flight < MIN_BYTES_IN_FLIGHT_PER_EMA_STEP:
+            short.append(
+                f"{kernel}: a first run of {run} loads, {step} per EMA step: {in_flight / 1024:.0f} KB in flight "
+                f"per SM, needs {MIN_BYTES_IN_FLIGHT_PER_EMA_STEP // 1024}"
+            )
+    assert not short, "\n".join(short)
+
+
 # --- the readers themselves ---------------------------------------------------------------
 
 
@@ -279,3 +324,10 @@ def test_demangle():
     assert demangle(
         "_ZN4sema4cuda8_GLOBAL_16ema_multi_kernelINS1_7Float32ENS1_8BFloat16ELNS1_2OpE0EEEvPKNS1_5PieceEPKff"
     )[1:] == ("Float32", "BFloat16", "update")
+    assert demangle(
+        "_ZN4sema4cuda44_GLOBAL__N__5af9eaa2_11_ema_cuda_cu_c4670dba12ema_k_kernelINS1_7Float32ENS1_8BFloat16EEEvNS1_"
+        "12EmaAddressesEimllPKfi"
+    ) == ("ema_k_kernel", "Float32", "BFloat16", "update_k")
+    assert demangle(
+        "_ZN4sema4cuda44_GLOBAL__N__5af9eaa2_11_ema_cuda_cu_c4670dba18ema_k_multi_kernelINS1_8BFloat16ES3_EEvPKliPKfi"
+    ) == ("ema_k_multi_kernel", "BFloat16", "BFloat16", "update_k")
