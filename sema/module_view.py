@@ -30,10 +30,11 @@ if TYPE_CHECKING:
     from sema.switch_ema import SwitchEMA
 
 
-def build_module_view(ema: SwitchEMA) -> nn.Module:
-    """A structural copy of ``ema.model`` whose tracked params are views of ``ema``'s EMA."""
+def build_module_view(ema: SwitchEMA, index: int = 0) -> nn.Module:
+    """A structural copy of ``ema.model`` whose tracked params are views of ``ema``'s EMA
+    ``index``."""
     memo: dict[int, Any] = {}
-    for _, param, view in ema.storage.named_emas():
+    for _, param, view in ema.storage.named_emas(index):
         memo[id(param)] = nn.Parameter(view, requires_grad=False)
     for p in ema.model.parameters():
         if id(p) not in memo:

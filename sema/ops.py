@@ -334,6 +334,167 @@ def dispatch_update_multi(
         _impl(backend).ema_update_multi_(emas, params, w, switch)
 
 
+# --- K EMAs of the same params in one pass -------------------------------------------------
+# Bytes per element: read the param once, read and write each EMA: 4 + 8K (fp32 params, fp32
+# EMAs) or 2 + 8K (bf16 params, fp32 EMAs), against 12K / 10K for K single updates.
+
+
+@torch.library.custom_op("sema::ema_update_k_", mutates_args=("emas", "param"))
+def _ema_update_k_op(emas: list[Tensor], param: Tensor, ws: Tensor, switch_index: int, backend: str) -> None:
+    _impl(backend).ema_update_k_(emas, param, ws, None if switch_index < 0 else switch_index)
+
+
+@torch.library.custom_op("sema::ema_update_k_multi_", mutates_args=("emas", "params"))
+def _ema_update_k_multi_op(
+    emas: list[Tensor], params: list[Tensor], ws: Tensor, switch_index: int, backend: str
+) -> None:
+    n = len(params)
+    nested = [emas[k * n : (k + 1) * n] for k in range(len(emas) // max(n, 1))]
+    _impl(backend).ema_update_k_multi_(nested, params, ws, None if switch_index < 0 else switch_index)
+
+
+@_ema_update_k_op.register_fake
+def _(emas, param, ws, switch_index, backend):
+    return None
+
+
+@_ema_update_k_multi_op.register_fake
+def _(emas, params, ws, switch_index, backend):
+    return None
+
+
+def has_update_k(backend: str) -> bool:
+    """Whether ``backend`` implements the fused K-EMA op."""
+    module = _impl(backend)
+    return hasattr(module, "ema_update_k_") and hasattr(module, "ema_update_k_multi_")
+
+
+def dispatch_update_k(emas: list[Tensor], param: Tensor, ws: Tensor, switch_index: int | None, backend: str) -> None:
+    if _compiling():
+        _ema_update_k_op(emas, param, ws, -1 if switch_index is None else switch_index, backend)
+        return
+    with torch.no_grad():
+        _impl(backend).ema_update_k_(emas, param, ws, switch_index)
+
+
+def dispatch_update_k_multi(
+    emas: list[list[Tensor]], params: list[Tensor], ws: Tensor, switch_index: int | None, backend: str
+) -> None:
+    if _compiling():
+        flat = [t for per_ema in emas for t in per_ema]
+        _ema_update_k_multi_op(flat, params, ws, -1 if switch_index is None else switch_index, backend)
+        return
+    with torch.no_grad():
+        _impl(backend).ema_update_k_multi_(emas, params, ws, switch_index)
+
+
+def _check_ws(op: str, ws: Sequence[float] | Tensor, k: int, device: torch.device) -> Tensor:
+    if not isinstance(ws, Tensor):
+        if isinstance(ws, (str, bytes)) or not isinstance(ws, Sequence):
+            raise TypeError(f"sema.ops.{op}: ws must be a 1-D float tensor or a list of floats, got {ws!r}")
+        ws = torch.tensor([_check_weight(op, w, None) for w in ws], dtype=torch.float32, device=device)
+    if ws.layout != torch.strided or ws.dim() != 1 or not ws.is_floating_point() or ws.numel() != k:
+        raise ValueError(
+            f"sema.ops.{op}: ws must be a 1-D float tensor of {k} weights (one per EMA), "
+            f"got {ws.dtype} {tuple(ws.shape)}"
+        )
+    if ws.device != device:
+        raise ValueError(
+            f"sema.ops.{op}: ws is on {ws.device} but the tensors are on {device}; keep it on their device "
+            "so the update needs no host sync"
+        )
+    return ws.to(torch.float32).contiguous()
+
+
+def _check_switch_index(op: str, switch_index: object, k: int) -> int | None:
+    if switch_index is None:
+        return None
+    if isinstance(switch_index, bool) or not isinstance(switch_index, int) or not 0 <= switch_index < k:
+        raise ValueError(f"sema.ops.{op}: switch_index={switch_index!r} must be None or an int in [0, {k})")
+    return switch_index
+
+
+def ema_update_k_(
+    emas: Sequence[Tensor],
+    param: Tensor,
+    ws: Sequence[float] | Tensor,
+    switch_index: int | None = None,
+    backend: str | None = None,
+) -> None:
+    """K EMAs of one flat param in one pass that reads the param once:
+    ``emas[k] <- lerp(emas[k], param, ws[k])`` for every k, bit for bit what K calls of
+    :func:`ema_update_` give; with ``switch_index=k``, then ``param <- cast(emas[k])`` (every EMA
+    reads the param from before the switch).
+
+    ``emas``: K 1-D contiguous tensors of one dtype (fp32 or the param dtype), as long as
+    ``param``; ``ws``: a 1-D float32 tensor of K weights on the same device (read on the device:
+    no host sync) or a list of floats in [0, 1]. Bytes per element: 4 + 8K (fp32 params) or
+    2 + 8K (bf16 params, fp32 EMAs), plus the param write with a switch.
+    """
+    op = "ema_update_k_"
+    emas = list(emas)
+    if not emas:
+        raise ValueError(f"sema.ops.{op}: emas is empty; pass one EMA tensor per decay")
+    for k, e in enumerate(emas):
+        _check_tensor(op, f"emas[{k}]", e, flat=True)
+        _check_pair(op, e, param)
+        if e.dtype != emas[0].dtype:
+            raise TypeError(f"sema.ops.{op}: emas[{k}] is {e.dtype} but emas[0] is {emas[0].dtype}; use one dtype")
+    ws = _check_ws(op, ws, len(emas), param.device)
+    switch_index = _check_switch_index(op, switch_index, len(emas))
+    _check_disjoint(op, [(f"emas[{k}]", e) for k, e in enumerate(emas)] + [("param", param)])
+    name = resolve_backend(backend, param.device)
+    if not has_update_k(name):
+        raise NotImplementedError(f"sema.ops.{op}: the {name} backend has no fused K-EMA op")
+    dispatch_update_k(emas, param, ws, switch_index, name)
+
+
+def ema_update_k_multi_(
+    emas: Sequence[Sequence[Tensor]],
+    params: Sequence[Tensor],
+    ws: Sequence[float] | Tensor,
+    switch_index: int | None = None,
+    backend: str | None = None,
+) -> None:
+    """:func:`ema_update_k_` over lists of tensors (shards, user lists): ``emas[k][i]`` is EMA k
+    of ``params[i]``; one launch where the backend can. Everything is checked before the first
+    write, as in :func:`ema_update_multi_`."""
+    op = "ema_update_k_multi_"
+    emas = [list(per_ema) for per_ema in emas]
+    params = list(params)
+    if not emas:
+        raise ValueError(f"sema.ops.{op}: emas is empty; pass one list of EMA tensors per decay")
+    for k, per_ema in enumerate(emas):
+        if len(per_ema) != len(params):
+            raise ValueError(f"sema.ops.{op}: emas[{k}] has {len(per_ema)} tensors but there are {len(params)} params")
+    device = params[0].device if params else None
+    for i, p in enumerate(params):
+        _check_tensor(op, f"params[{i}]", p, flat=False)
+        for k, per_ema in enumerate(emas):
+            e = per_ema[i]
+            _check_tensor(op, f"emas[{k}][{i}]", e, flat=False)
+            if e.shape != p.shape or e.stride() != p.stride() or e.device != p.device:
+                raise ValueError(f"sema.ops.{op}: emas[{k}][{i}] differs from params[{i}] in shape, strides or device")
+            _check_dtypes(op, e, p, f"emas[{k}][{i}]: ")
+            if e.dtype != emas[0][i].dtype:
+                raise TypeError(f"sema.ops.{op}: emas[{k}][{i}] is {e.dtype} but emas[0][{i}] is {emas[0][i].dtype}")
+        if p.device != device:
+            raise ValueError(f"sema.ops.{op}: params[{i}] is on {p.device}, params[0] on {device}")
+    if device is None:
+        return
+    ws = _check_ws(op, ws, len(emas), device)
+    switch_index = _check_switch_index(op, switch_index, len(emas))
+    _check_disjoint(
+        op,
+        [(f"emas[{k}][{i}]", e) for k, per_ema in enumerate(emas) for i, e in enumerate(per_ema)]
+        + [(f"params[{i}]", p) for i, p in enumerate(params)],
+    )
+    name = resolve_backend(backend, device)
+    if not has_update_k(name):
+        raise NotImplementedError(f"sema.ops.{op}: the {name} backend has no fused K-EMA op")
+    dispatch_update_k_multi(emas, params, ws, switch_index, name)
+
+
 def dense_view(t: Tensor) -> Tensor:
     """A 1-D view over the memory of a dense, non-overlapping tensor (any memory format)."""
     if t.is_contiguous():

@@ -199,3 +199,39 @@ def ema_update_multi_(
     numel = sum(e.numel() for e in fp32_emas)
     key = ("update_multi", switch)
     PLANNER.run_torch(key, numel * (16 if switch else 12), lambda: _foreach_update(fp32_emas, fp32_params, w, switch))
+
+
+def ema_update_k_(emas: Sequence[Tensor], param: Tensor, ws: Tensor, switch_index: int | None = None) -> None:
+    """K EMAs of ``param`` (see :func:`sema.ops.ema_update_k_`), block by block: each block of the
+    param is read from memory once and from cache for the other EMAs, and each EMA gets exactly
+    the arithmetic of :func:`ema_update_` (so the result is bit for bit K single updates)."""
+    ema0 = emas[0]
+    weights = [ws[k] for k in range(len(emas))]  # 0-d views: no host read
+    if ema0.dtype == param.dtype and ema0.dtype != torch.float32 and ema0.device.type == "cpu":
+        weights = [float(w) for w in weights]  # as the single op: a float weight on the CPU
+    same = ema0.dtype == param.dtype and (ema0.dtype == torch.float32 or ema0.device.type == "cpu")
+    widened = ema0.dtype == torch.float32 and param.dtype != torch.float32
+
+    def body(p: Tensor, *es: Tensor) -> None:
+        wide = p.float() if widened or not same else p
+        for e, w in zip(es, weights, strict=True):
+            if same or widened:
+                e.lerp_(wide, w)
+            else:  # same reduced dtype off the CPU: math in fp32, one rounding
+                acc = e.float()
+                acc.lerp_(wide, w)
+                e.copy_(acc)
+        if switch_index is not None:
+            p.copy_(es[switch_index])  # copy_ rounds to nearest even
+
+    key = ("update_k", ema0.dtype, param.dtype, len(emas), switch_index is not None)
+    nbytes = 2 * len(emas) * ema0.element_size() + (2 if switch_index is not None else 1) * param.element_size()
+    _blocked(body, key, nbytes, True, not same, param, *emas)
+
+
+def ema_update_k_multi_(
+    emas: Sequence[Sequence[Tensor]], params: Sequence[Tensor], ws: Tensor, switch_index: int | None = None
+) -> None:
+    """:func:`ema_update_k_` for each param of a list (``emas[k][i]``: EMA k of ``params[i]``)."""
+    for i, p in enumerate(params):
+        ema_update_k_([_flat(per_ema[i]) for per_ema in emas], _flat(p), ws, switch_index)

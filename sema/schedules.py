@@ -11,17 +11,23 @@ counted from the first averaging one. The decay at ``t`` is, by ``warmup``:
   ``t < warmup_steps``: rises from ``warmup_ratio * decay`` to ``decay`` (the SEMA authors' hook).
 - ``"exp"``: ``warmup_ratio ** (1 - t / warmup_steps) * decay`` while ``t < warmup_steps``.
 - ``"power"``: ``clamp(1 - (1 + t / inv_gamma) ** -power, min_decay, decay)`` (timm ModelEmaV3,
-  diffusers EMAModel); the first update (``t = 0``) copies the weights.
+  diffusers EMAModel, ema-pytorch); the first averaging update (``t = 0``) copies the weights,
+  whatever ``min_decay`` is, as those libraries do.
 - ``"inverse"``: ``min(decay, (1 + n) / (10 + n))`` with ``n = u + 1``, the 1-based count of
   averaging updates: torch_ema's ``use_num_updates=True`` (its ``num_updates`` is incremented
   before the decay is read, so its first update uses ``n = 1``) and diffusers' ``EMAModel``
   without ``use_ema_warmup`` (its ``step = optimization_step - update_after_step - 1`` after the
-  increment, with a copy while ``step <= 0``: sema's ``update_after_step = 1`` plus ``n = step``).
+  increment, with a copy while ``step <= 0``: sema's ``update_after_step = 1`` plus ``n = step``);
+  floored at ``min_decay`` as diffusers does.
+
+``min_decay`` is for the ``"power"`` and ``"inverse"`` warmups; the others refuse it.
 
 With ``update_every = K`` the EMA is updated every K-th step. By default (``compensate=True``) its
 decay is ``d(t) ** K``, which compensates for the skipped steps; with ``compensate=False`` it is
-``d(t)``, as ema-pytorch, NeMo, mmengine and Lightning do. The op weight is ``w = 1 - d(t) ** K``
-(or ``1 - d(t)``), computed in float64 and handed to the kernels as float32.
+``d(t)``, as ema-pytorch, NeMo, mmengine and Lightning do, and ``t`` is the firing call's index
+minus ``update_after_step`` (ema-pytorch's count: the same as ``u * K`` when K divides it). The op
+weight is ``w = 1 - d(t) ** K`` (or ``1 - d(t)``), computed in float64 and handed to the kernels as
+float32.
 """
 
 from __future__ import annotations
@@ -50,6 +56,7 @@ class DecaySchedule:
         update_every: int = 1,
         copy_updates: int = 0,
         compensate: bool = True,
+        start_step: int | None = None,
     ) -> None:
         _check_unit_interval("decay", decay, "e.g. decay=0.999", upper_open=True)
         if warmup not in WARMUPS:
@@ -61,15 +68,21 @@ class DecaySchedule:
                 isinstance(warmup_ratio, (int, float)) and 0.0 < warmup_ratio <= 1.0
             ):
                 raise ValueError(f"warmup_ratio must be in (0, 1], got {warmup_ratio!r}")
+        if warmup in ("power", "inverse"):
+            _check_unit_interval("min_decay", min_decay, "e.g. min_decay=0.0", upper_open=False)
+            if min_decay > decay:
+                raise ValueError(f"min_decay={min_decay} is above decay={decay}")
+        elif min_decay != 0.0:
+            raise ValueError(
+                f"min_decay={min_decay!r} has no effect with warmup={warmup!r}: it is the floor of the 'power' and "
+                "'inverse' warmups; leave it at 0"
+            )
         if warmup == "power":
             for name, value in (("inv_gamma", inv_gamma), ("power", power)):
                 if isinstance(value, bool) or not (
                     isinstance(value, (int, float)) and math.isfinite(value) and value > 0
                 ):
                     raise ValueError(f"warmup='power' needs {name} > 0, got {value!r}")
-            _check_unit_interval("min_decay", min_decay, "e.g. min_decay=0.0", upper_open=False)
-            if min_decay > decay:
-                raise ValueError(f"min_decay={min_decay} is above decay={decay}")
         if isinstance(update_every, bool) or not isinstance(update_every, int) or update_every < 1:
             raise ValueError(f"update_every must be a positive int, got {update_every!r}")
         if isinstance(copy_updates, bool) or not isinstance(copy_updates, int) or copy_updates < 0:
@@ -86,6 +99,9 @@ class DecaySchedule:
         self.update_every = update_every
         self.copy_updates = copy_updates
         self.compensate = compensate
+        # t of update j is j * K - start_step: copy_updates * K by default (u * K), or the
+        # update_after_step calls themselves (ema-pytorch's count, for compensate=False).
+        self.start_step = copy_updates * update_every if start_step is None else int(start_step)
         self._exponent = update_every if compensate else 1
         self._constant: dict[torch.device, Tensor] = {}
         self._one: dict[torch.device, Tensor] = {}
@@ -141,10 +157,12 @@ class DecaySchedule:
         """Decay for one optimizer step at step ``t`` (host float64; mirrors :meth:`weight`)."""
         d, T, r = self.decay, self.warmup_steps, self.warmup_ratio
         if self.warmup == "power":
+            if t == 0:
+                return 0.0
             return min(max(1.0 - (1.0 + t / self.inv_gamma) ** -self.power, self.min_decay), d)
         if self.warmup == "inverse":
             n = t / self.update_every + 1.0
-            return min(d, (1.0 + n) / (10.0 + n))
+            return max(min(d, (1.0 + n) / (10.0 + n)), self.min_decay)
         if self.warmup is None or t >= T:
             return d
         if self.warmup == "constant":
@@ -158,7 +176,7 @@ class DecaySchedule:
         would hold it."""
         if update_index < self.copy_updates:
             return 1.0
-        d = self.decay_at((update_index - self.copy_updates) * self.update_every)
+        d = self.decay_at(update_index * self.update_every - self.start_step)
         return float(torch.tensor(1.0 - d**self._exponent, dtype=torch.float64).to(torch.float32))
 
     def weight(self, step: Tensor, known_at_least: int | None = None) -> Tensor:
@@ -202,17 +220,21 @@ class DecaySchedule:
 
     def _formula(self, step: Tensor) -> Tensor:
         """The weight of averaging update ``step - copy_updates`` (not valid for a copy)."""
-        u = step.to(torch.float64)
-        if self.copy_updates:
-            u = u - self.copy_updates
         d = self.decay
         if self.warmup == "inverse":
+            u = step.to(torch.float64)
+            if self.copy_updates:
+                u = u - self.copy_updates
             n = u + 1.0
-            decay_t = ((1.0 + n) / (10.0 + n)).clamp(max=d)
+            decay_t = ((1.0 + n) / (10.0 + n)).clamp(self.min_decay, d)
         else:
-            t = u * self.update_every
+            t = step.to(torch.float64) * self.update_every
+            if self.start_step:
+                t = t - self.start_step
             if self.warmup == "power":
                 decay_t = (1.0 - (1.0 + t / self.inv_gamma) ** -self.power).clamp(self.min_decay, d)
+                if self.min_decay:  # the first averaging update copies, floor or not
+                    decay_t = torch.where(t == 0, torch.zeros_like(decay_t), decay_t)
             else:
                 T, r = float(self.warmup_steps), self.warmup_ratio
                 if self.warmup == "constant":

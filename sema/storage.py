@@ -165,8 +165,10 @@ class EMAStorage:
         flatten: bool,
         backends: dict[torch.device, str],
         copy_only: set[str] | frozenset[str] = frozenset(),
+        num_emas: int = 1,
     ) -> None:
         self.backends = backends
+        self.num_emas = num_emas
         self.buckets: list[FlatBucket] = []
         self.tensor_groups: list[TensorGroup] = []
         # Copy-only params (tracked, but refreshed with weight 1 at every update) get buckets and
@@ -212,9 +214,23 @@ class EMAStorage:
             self.tensor_groups.append(_build_group(device, dtype, members, target))
             if copies:
                 self._copy_only.add(id(self.tensor_groups[-1]))
+        # EMAs 1..K-1 of K decays, beside EMA 0 (the bucket's ema_flat, the group's emas); all K
+        # start as copies of the params and are updated by one fused pass.
+        self._more: dict[int, list] = {id(b): [b.ema_flat.clone() for _ in range(num_emas - 1)] for b in self.buckets}
+        for g in self.tensor_groups:
+            self._more[id(g)] = [[e.clone() for e in g.emas] for _ in range(num_emas - 1)]
+        self._ones: dict[torch.device, Tensor] = {}
         self._bucket_storages = [b.param_flat.untyped_storage() for b in self.buckets]
         self._use_counts: tuple[int, ...] | None = None
         self.remember_placement()
+
+    def bucket_emas(self, bucket: FlatBucket) -> list[Tensor]:
+        """The K flat EMA buffers of ``bucket``, EMA 0 first."""
+        return [bucket.ema_flat, *self._more[id(bucket)]]
+
+    def group_emas(self, group: TensorGroup) -> list[list[Tensor]]:
+        """The K EMAs of ``group``, each a list with one tensor per param, EMA 0 first."""
+        return [group.emas, *self._more[id(group)]]
 
     def _add_bucket(self, bucket: FlatBucket, copies: bool) -> None:
         self.buckets.append(bucket)
@@ -228,13 +244,16 @@ class EMAStorage:
         keys = {b.param_flat.untyped_storage().data_ptr() for b in self.buckets}
         return keys | {v.untyped_storage().data_ptr() for g in self.tensor_groups for v in g.views}
 
-    def named_emas(self) -> Iterator[tuple[str, nn.Parameter, Tensor]]:
-        """(param name, param, its EMA shaped like the param's local tensor), in model order per group."""
+    def named_emas(self, index: int = 0) -> Iterator[tuple[str, nn.Parameter, Tensor]]:
+        """(param name, param, its EMA ``index`` shaped like the param's local tensor), in model
+        order per group."""
         for bucket in self.buckets:
+            flat = self.bucket_emas(bucket)[index]
             for i, (name, p) in enumerate(zip(bucket.names, bucket.params, strict=False)):
-                yield name, p, bucket.ema_view(i)
+                view = bucket.ema_view(i)
+                yield name, p, view if index == 0 else flat.as_strided(view.shape, view.stride(), view.storage_offset())
         for group in self.tensor_groups:
-            yield from zip(group.names, group.params, group.emas, strict=False)
+            yield from zip(group.names, group.params, self.group_emas(group)[index], strict=False)
 
     def moved(self) -> list[str]:
         """Names of the params that no longer live where they were put."""
@@ -275,18 +294,32 @@ class EMAStorage:
             out += [(n, v, exchanged) for n, v in zip(group.names, group.views, strict=True)]
         return out
 
-    def _dense_pairs(self) -> Iterator[tuple[Tensor, Tensor, str]]:
-        """(ema, param, backend) as flat 1-D tensors: one pair per bucket, one per grouped param."""
+    def _dense_pairs(self, index: int = 0) -> Iterator[tuple[Tensor, Tensor, str]]:
+        """(EMA ``index``, param, backend) as flat 1-D tensors: one pair per bucket, one per
+        grouped param."""
         for bucket in self.buckets:
-            yield bucket.ema_flat, bucket.param_flat, self.backends[bucket.device]
+            yield self.bucket_emas(bucket)[index], bucket.param_flat, self.backends[bucket.device]
         for group in self.tensor_groups:
-            for e, v in zip(group.emas, group.views, strict=True):
+            for e, v in zip(self.group_emas(group)[index], group.views, strict=True):
                 yield ops.dense_view(e), ops.dense_view(v), self.backends[group.device]
 
-    def update_(self, weights: dict[torch.device, Tensor], switch: bool) -> None:
+    def update_(self, weights: dict[torch.device, Tensor], switch: bool, switch_index: int = 0) -> None:
         """``ema <- lerp(ema, param, w)`` (then ``param <- ema`` with ``switch``), one fused launch
-        per bucket and one multi-tensor launch per group."""
+        per bucket and one multi-tensor launch per group. With K EMAs, ``weights`` holds a (K,)
+        tensor per device, one pass reads the params once for all K, and the switch takes EMA
+        ``switch_index``."""
         copies = self._copy_only
+        if self.num_emas > 1:
+            index = switch_index if switch else None
+            for bucket in self.buckets:
+                w = self._all_ones(bucket.device) if copies and id(bucket) in copies else weights[bucket.device]
+                ops.dispatch_update_k(
+                    self.bucket_emas(bucket), bucket.param_flat, w, index, self.backends[bucket.device]
+                )
+            for group in self.tensor_groups:
+                w = self._all_ones(group.device) if copies and id(group) in copies else weights[group.device]
+                ops.dispatch_update_k_multi(self.group_emas(group), group.views, w, index, self.backends[group.device])
+            return
         for bucket in self.buckets:
             w = 1.0 if copies and id(bucket) in copies else weights[bucket.device]
             ops.dispatch_update(bucket.ema_flat, bucket.param_flat, w, switch, self.backends[bucket.device])
@@ -294,26 +327,34 @@ class EMAStorage:
             w = 1.0 if copies and id(group) in copies else weights[group.device]
             ops.dispatch_update_multi(group.emas, group.views, w, switch, self.backends[group.device])
 
-    def switch_(self) -> None:
-        """``param <- ema`` cast to each param's dtype; the EMA is unchanged."""
-        for ema, param, backend in self._dense_pairs():
+    def _all_ones(self, device: torch.device) -> Tensor:
+        w = self._ones.get(device)
+        if w is None:
+            w = self._ones[device] = torch.ones(self.num_emas, dtype=torch.float32, device=device)
+        return w
+
+    def switch_(self, index: int = 0) -> None:
+        """``param <- EMA index`` cast to each param's dtype; the EMA is unchanged."""
+        for ema, param, backend in self._dense_pairs(index):
             ops.dispatch_switch(ema, param, backend)
 
-    def swap_in(self, undo: list[Callable[[], None]]) -> None:
-        """Put the EMA into the params, appending to ``undo`` the actions (to run in reverse
+    def swap_in(self, undo: list[Callable[[], None]], index: int = 0) -> None:
+        """Put EMA ``index`` into the params, appending to ``undo`` the actions (to run in reverse
         order) that restore params and EMA bit for bit; if a swap fails midway, ``undo`` holds
         those of the swaps already done."""
-        for ema, param, backend in self._dense_pairs():
+        for ema, param, backend in self._dense_pairs(index):
             undo.append(_swap_in(ema, param, backend))
 
     def copy_params_to_ema_(self) -> None:
-        """EMA <- params (the start of a fresh average)."""
+        """Every EMA <- params (the start of a fresh average)."""
         with torch.no_grad():
             for bucket in self.buckets:
-                bucket.ema_flat.copy_(bucket.param_flat)
+                for flat in self.bucket_emas(bucket):
+                    flat.copy_(bucket.param_flat)
             for group in self.tensor_groups:
-                for e, v in zip(group.emas, group.views, strict=True):
-                    e.copy_(v)
+                for emas in self.group_emas(group):
+                    for e, v in zip(emas, group.views, strict=True):
+                        e.copy_(v)
 
     def all_finite(self) -> bool:
         """Whether every param is finite (one host sync)."""

@@ -97,7 +97,7 @@ class SwitchEMA:
     def __init__(
         self,
         model: nn.Module,
-        decay: float = 0.999,
+        decay: float | Sequence[float] = 0.999,
         warmup: str | None = None,
         update_every: int = 1,
         switch_every: str | int | None = "epoch",
@@ -129,21 +129,33 @@ class SwitchEMA:
             raise TypeError(
                 f"SwitchEMA: compensate_update_every must be True or False, got {compensate_update_every!r}"
             )
-        schedule = DecaySchedule(
-            decay,
-            warmup,
-            warmup_steps,
-            warmup_ratio,
-            inv_gamma,
-            power,
-            min_decay,
-            update_every,
-            copy_updates=copy_updates_of(update_after_step, update_every, compensate_update_every),
-            compensate=compensate_update_every,
-        )
+        decays = _decays(decay)
+        schedules = [
+            DecaySchedule(
+                d,
+                warmup,
+                warmup_steps,
+                warmup_ratio,
+                inv_gamma,
+                power,
+                min_decay,
+                update_every,
+                copy_updates=copy_updates_of(update_after_step, update_every, compensate_update_every),
+                compensate=compensate_update_every,
+                start_step=None if compensate_update_every else update_after_step,
+            )
+            for d in decays
+        ]
+        schedule = schedules[0]
         policy = SwitchPolicy(schedule, switch_every, switch_start, switch_end, skip_nonfinite)
         if buffers not in BUFFER_POLICIES:
             raise ValueError(f"SwitchEMA: buffers={buffers!r} is not one of {BUFFER_POLICIES}")
+        if buffers == "ema" and len(decays) > 1:
+            raise ValueError(
+                "SwitchEMA: buffers='ema' with several decays is not supported (the buffers would need one average "
+                "per decay); use buffers='copy' (each switch and swap puts the buffers as of the last update) "
+                "or 'ignore'"
+            )
         selection = ParamSelection(model, include, exclude, copy_only)
         named = selection.tracked
         if not named:
@@ -191,9 +203,16 @@ class SwitchEMA:
         for device, _ in plan_buckets(named):  # a DTensor reports its local shard's device and dtype
             if device not in resolved:
                 resolved[device] = ops.resolve_backend(backend, device)  # raises with the reason
+        lacking = sorted({name for name in resolved.values() if len(decays) > 1 and not ops.has_update_k(name)})
+        if lacking:
+            raise ValueError(
+                f"SwitchEMA: decay={tuple(decays)} keeps several EMAs, which needs the fused K-EMA op; the "
+                f"{', '.join(lacking)} backend has none. Pick a backend that has it (backend='torch' always does)"
+            )
 
         self.model = model
-        self.schedule = schedule
+        self.schedule = schedule  # EMA 0's: the one epoch_end() and int switch_every switch
+        self.schedules = schedules
         self.policy = policy
         self.ema_dtype = ema_dtype
         self.flatten = bool(flatten)
@@ -204,11 +223,16 @@ class SwitchEMA:
         self.tracked_buffers = TrackedBuffers(model, buffers, ema_dtype)
         self._slots = ModelSlots(model, named)
         self.selection = selection
-        self.storage = EMAStorage(named, ema_dtype, self.flatten, resolved, copy_only=selection.copy_only)
+        self.storage = EMAStorage(
+            named, ema_dtype, self.flatten, resolved, copy_only=selection.copy_only, num_emas=len(schedules)
+        )
+        self._final_weights: dict[torch.device, Tensor] = {}
         self._steps = {device: torch.zeros((), dtype=torch.int64, device=device) for device in resolved}
         for step in self._steps.values():
-            self.schedule.weight(step, known_at_least=2**62)  # cached now, not inside a traced update
-            self.schedule.one(step.device)
+            for schedule in self.schedules:  # cached now, not inside a traced update
+                schedule.weight(step, known_at_least=2**62)
+                schedule.one(step.device)
+            self._weights(step, 2**62)
         self._on_cuda = any(device.type == "cuda" for device in resolved)
         # A lower bound of the device step, counted by eager updates only (graph replays and
         # compiled calls add to the device step without the host seeing them): once it passes
@@ -237,7 +261,13 @@ class SwitchEMA:
 
     @property
     def decay(self) -> float:
+        """The decay of EMA 0 (see :attr:`decays` for all)."""
         return self.schedule.decay
+
+    @property
+    def decays(self) -> tuple[float, ...]:
+        """The decay of each EMA, in index order."""
+        return tuple(s.decay for s in self.schedules)
 
     @property
     def step(self) -> int:
@@ -294,9 +324,8 @@ class SwitchEMA:
         (no copy of the weights; it follows every update), in eval mode with
         ``requires_grad=False``; see :mod:`sema.module_view`. Each call builds a new one; use
         :attr:`module` for a cached one."""
-        if isinstance(index, bool) or index != 0:
-            raise IndexError(f"SwitchEMA.as_module: index={index!r}, but this SwitchEMA keeps one EMA (index 0)")
-        return build_module_view(self)
+        self._check_index("as_module", index)
+        return build_module_view(self, index)
 
     @property
     def module(self) -> nn.Module:
@@ -351,7 +380,7 @@ class SwitchEMA:
 
     def _update_now(self, switch: bool, traced: bool) -> None:
         known = None if traced else self._updates_seen
-        weights = {device: self.schedule.weight(step, known) for device, step in self._steps.items()}
+        weights = {device: self._weights(step, known) for device, step in self._steps.items()}
         self.storage.update_(weights, switch)
         self.tracked_buffers.update_(weights)
         for step in self._steps.values():
@@ -379,6 +408,27 @@ class SwitchEMA:
                 stacklevel=3,
             )
 
+    def _weights(self, step: Tensor, known: int | None) -> Tensor:
+        """EMA 0's weight (0-d), or with K decays a (K,) tensor of the K weights: cached once every
+        schedule has settled, else stacked on the device (one launch more)."""
+        if len(self.schedules) == 1:
+            return self.schedule.weight(step, known)
+        settled = max(s.copy_updates + s.settled_after for s in self.schedules)
+        if known is not None and known >= settled:
+            w = self._final_weights.get(step.device)
+            if w is None:
+                w = torch.stack([s.weight(step, known) for s in self.schedules])
+                self._final_weights[step.device] = w
+            return w
+        return torch.stack([s.weight(step, known) for s in self.schedules])
+
+    def _check_index(self, where: str, index: int) -> None:
+        if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index < len(self.schedules):
+            raise IndexError(
+                f"SwitchEMA.{where}: index={index!r}, but this SwitchEMA keeps {len(self.schedules)} EMA(s) "
+                f"(decays {self.decays}); use 0..{len(self.schedules) - 1}"
+            )
+
     def _capturing(self) -> bool:
         return self._on_cuda and torch.cuda.is_current_stream_capturing()
 
@@ -397,12 +447,14 @@ class SwitchEMA:
         self._horizon.poll()
         return False
 
-    def switch(self) -> None:
+    def switch(self, index: int = 0) -> None:
         """``param <- ema`` now (cast to each param's dtype, round to nearest even), for every
-        bucket, plus tracked buffers. The EMA itself is not changed."""
+        bucket, plus tracked buffers; ``index`` picks the EMA where there are several. The EMA
+        itself is not changed."""
+        self._check_index("switch", index)
         self._check_placement("switch")
         self._report_newly_trainable()
-        self.storage.switch_()
+        self.storage.switch_(index)
         self._after_switch()
 
     def _after_switch(self) -> None:
@@ -411,7 +463,7 @@ class SwitchEMA:
             self.policy.num_switches += 1
 
     @contextlib.contextmanager
-    def swapped(self) -> Iterator[nn.Module]:
+    def swapped(self, index: int = 0) -> Iterator[nn.Module]:
         """Inside the block the model holds the EMA weights; on exit (even through an exception)
         params and EMA are restored bit for bit. Do not train inside the block.
 
@@ -427,6 +479,7 @@ class SwitchEMA:
         """
         if self._swapped_active:
             raise RuntimeError("SwitchEMA.swapped() is already active; it cannot be nested")
+        self._check_index("swapped", index)
         self._check_placement("swapped")
         counters = self.storage.version_counters()
         undo: list[Callable[[], None]] = []
@@ -434,7 +487,7 @@ class SwitchEMA:
         guard = register_optimizer_step_pre_hook(self._refuse_step_inside_swapped)
         held = self.storage.param_storages()
         try:
-            self.storage.swap_in(undo)
+            self.storage.swap_in(undo, index)
             self.tracked_buffers.swap_in(undo)
             versions = [t._version for _, t, _ in counters]
             self._swapped_active = True
@@ -501,6 +554,7 @@ class SwitchEMA:
     def _config(self) -> dict[str, object]:
         return {
             **self.schedule.config(),
+            **({"decays": list(self.decays)} if len(self.schedules) > 1 else {}),
             **self.policy.config(),
             "buffers": self.buffer_policy,
             "ema_dtype": None if self.ema_dtype is None else str(self.ema_dtype),
@@ -526,9 +580,14 @@ class SwitchEMA:
             "num_switches": self.num_switches,
             "num_skipped": self.num_skipped,
             "config": self._config(),
-            "ema": {name: as_param_layout(p, e.detach().clone()) for name, p, e in self.storage.named_emas()},
+            "ema": self._ema_state(0)
+            if len(self.schedules) == 1
+            else [self._ema_state(k) for k in range(len(self.schedules))],
             "buffers": {n: e.detach().clone() for n, e in self.tracked_buffers.named().items()},
         }
+
+    def _ema_state(self, index: int) -> dict[str, Tensor]:
+        return {name: as_param_layout(p, e.detach().clone()) for name, p, e in self.storage.named_emas(index)}
 
     def load_state_dict(self, state: dict[str, object]) -> None:
         """Load what :meth:`state_dict` returned. Everything is checked before anything is
@@ -542,12 +601,26 @@ class SwitchEMA:
                 f"SwitchEMA.load_state_dict: state version {state.get('version')!r}, this sema reads {STATE_VERSION}"
             )
         problems: list[str] = []
+        K = len(self.schedules)
+        saved = state.get("ema", {})
+        if K == 1 and isinstance(saved, list):
+            problems.append(f"ema: the state holds {len(saved)} EMAs (several decays); this SwitchEMA keeps one")
+            saved_by_index = [{}]
+        elif K > 1 and not (isinstance(saved, list) and len(saved) == K):
+            count = len(saved) if isinstance(saved, list) else 1
+            problems.append(f"ema: the state holds {count} EMA(s); this SwitchEMA keeps {K} (decays {self.decays})")
+            saved_by_index = [{}] * K
+        else:
+            saved_by_index = [saved] if K == 1 else saved
         named = list(self.storage.named_emas())
-        ours = {name: e for name, _, e in named}
+        ours = [{name: e for name, _, e in self.storage.named_emas(k)} for k in range(K)]
         presented = {name: as_param_layout(p, e) for name, p, e in named}  # global shapes
-        _compare("param", presented, state.get("ema", {}), problems)
+        if not problems:  # the EMA count matches: compare each EMA's entries
+            for k in range(K):
+                _compare("param" if K == 1 else f"EMA {k} param", presented, saved_by_index[k], problems)
         for name, p, _ in named:
-            value = state.get("ema", {}).get(name) if isinstance(state.get("ema"), dict) else None
+            first = saved_by_index[0]
+            value = first.get(name) if isinstance(first, dict) else None
             if isinstance(value, Tensor) and is_dtensor(p) != is_dtensor(value):
                 problems.append(
                     f"param {name}: {'a DTensor' if is_dtensor(value) else 'a plain tensor'} in the state, "
@@ -584,8 +657,9 @@ class SwitchEMA:
                 stacklevel=2,
             )
         with torch.no_grad():
-            for name, e in ours.items():
-                e.copy_(local_tensor(state["ema"][name]))
+            for k in range(K):
+                for name, e in ours[k].items():
+                    e.copy_(local_tensor(saved_by_index[k][name]))
             for name, e in buffers.items():
                 e.copy_(state["buffers"][name])
             for step in self._steps.values():
@@ -596,7 +670,7 @@ class SwitchEMA:
         self.policy.num_switches = counters["num_switches"]
         self.policy.num_skipped = counters["num_skipped"]
 
-    def averaged_state_dict(self, full: bool = False) -> dict[str, Tensor]:
+    def averaged_state_dict(self, full: bool = False, index: int = 0) -> dict[str, Tensor]:
         """A ``model.state_dict()``-shaped dict holding the EMA weights (cast to each param's
         dtype) and the tracked buffers, each tensor with its own storage: it loads into a fresh
         model with ``model.load_state_dict`` and saves with ``torch.save`` or safetensors.
@@ -607,7 +681,8 @@ class SwitchEMA:
         """
         if self._swapped_active:
             raise RuntimeError("SwitchEMA.averaged_state_dict() inside swapped(); call it after the with-block")
-        ema_of = {id(p): (p, e) for _, p, e in self.storage.named_emas()}
+        self._check_index("averaged_state_dict", index)
+        ema_of = {id(p): (p, e) for _, p, e in self.storage.named_emas(index)}
         buffer_of = {id(b): e for b, e in zip(self.tracked_buffers.buffers, self.tracked_buffers.emas, strict=True)}
         out = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
         for name, p in self.model.named_parameters(remove_duplicate=False):
@@ -769,3 +844,12 @@ class HorizonCheck:
             SwitchHorizonWarning,
             stacklevel=4,
         )
+
+
+def _decays(decay: object) -> list[float]:
+    """``decay`` as a list: a float gives one EMA, a tuple or list of floats one EMA per decay."""
+    if isinstance(decay, (list, tuple)):
+        if not decay:
+            raise ValueError("SwitchEMA: decay=() holds no decay; pass a float or a tuple of floats")
+        return list(decay)
+    return [decay]

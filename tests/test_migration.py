@@ -612,14 +612,9 @@ CASES = [
 ]
 
 
-# Settings that the options on main cannot reproduce: strict xfails that say what is missing. Each
-# holds the mapping that the missing option would make right, so it passes (and the strict xfail
-# reports it) once the option lands.
-MISSING_MIN_DECAY_COPY = (
-    "a power warmup with min_decay > 0: the peer copies on its first update past update_after_step and then "
-    "uses max(power(t), min_decay) from t = 1 (one update later); sema's power warmup gives min_decay (not a copy) "
-    "at t = 0, and an update_after_step one larger starts t one update late"
-)
+# The peers' floors and offsets: a power warmup copies at t = 0 whatever min_decay is, the inverse
+# warmup is floored at min_decay, and with compensate_update_every=False t counts calls from
+# update_after_step (ema-pytorch's count, also when update_every does not divide it).
 CASES += [
     Case(
         "ema_pytorch-EMA-update_after_step-not-a-multiple-of-update_every",
@@ -635,15 +630,6 @@ CASES += [
         shifted={"decay": 0.999, "warmup": "power", "update_after_step": 16, "update_every": 10, "buffers": "ema"},
         d_max=_power_cap(STEPS, 0.999),
         buffers=True,
-        marks=[
-            pytest.mark.xfail(
-                raises=AssertionError,
-                strict=True,
-                reason="ema-pytorch's warmup step at firing call c (0-based) is c - update_after_step "
-                "(5, 15, 25, ...); sema's is u * update_every (0, 10, 20, ...): they agree only when "
-                "update_every divides update_after_step",
-            )
-        ],
     ),
     Case(
         "ema_pytorch-EMA-min_value",
@@ -652,7 +638,6 @@ CASES += [
         shifted={"decay": 0.999, "warmup": "power", "min_decay": 0.5, "update_after_step": 1, "buffers": "ema"},
         d_max=_power_cap(STEPS, 0.999),
         buffers=True,
-        marks=[pytest.mark.xfail(raises=AssertionError, strict=True, reason=MISSING_MIN_DECAY_COPY)],
     ),
     Case(
         "timm-ModelEmaV3-step-warmup-min_decay",
@@ -661,7 +646,7 @@ CASES += [
         shifted={"decay": 0.999, "warmup": "power", "min_decay": 0.5, "buffers": "ema", "update_after_step": A + 1},
         d_max=_power_cap(STEPS, 0.999),
         buffers=True,
-        marks=[need_timm, pytest.mark.xfail(raises=AssertionError, strict=True, reason=MISSING_MIN_DECAY_COPY)],
+        marks=[need_timm],
     ),
     Case(
         "diffusers-EMAModel-min_decay",
@@ -669,14 +654,6 @@ CASES += [
         sema={"decay": D, "warmup": "inverse", "min_decay": 0.5, "update_after_step": 1},
         shifted={"decay": D, "warmup": "inverse", "min_decay": 0.5},
         d_max=D,
-        marks=[
-            pytest.mark.xfail(
-                raises=AssertionError,
-                strict=True,
-                reason="diffusers clamps (1 + n) / (10 + n) from below by min_decay; sema's warmup='inverse' "
-                "ignores min_decay (it is accepted and silently unused)",
-            )
-        ],
     ),
 ]
 

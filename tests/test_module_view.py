@@ -109,7 +109,7 @@ def test_module_refuses_to_run_inside_swapped_and_other_indices():
     teacher = ema.module
     with ema.swapped(), pytest.raises(RuntimeError, match=r"inside ema\.swapped"):
         teacher(torch.randn(2, 6))
-    with pytest.raises(IndexError, match="keeps one EMA"):
+    with pytest.raises(IndexError, match=r"keeps 1 EMA"):
         ema.as_module(1)
 
 
