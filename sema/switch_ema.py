@@ -18,7 +18,7 @@ from torch import Tensor, nn
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from sema import ops
-from sema.buckets import BucketMovedError, FlatBucket, plan_buckets
+from sema.buckets import BucketMovedError, FlatBucket, check_aliasing, plan_buckets
 from sema.module_view import build_module_view
 from sema.policy import SwitchPolicy
 from sema.schedules import DecaySchedule, copy_updates_of
@@ -199,6 +199,17 @@ class SwitchEMA:
                     f"SwitchEMA: ema_dtype={ema_dtype} does not fit params of dtype {', '.join(odd)}; "
                     "use torch.float32 or None (each param's own dtype)"
                 )
+        # Memory shared between params (old-style ties stay tied in a bucket; a param over part of
+        # another, or over a frozen param or a buffer, cannot be kept) and, where params stay in
+        # place, layouts a kernel cannot address: refused here, before anything moves.
+        tracked_ids = {id(p) for _, p in named}
+        local = [(n, local_tensor(p)) for n, p in named]
+        untracked = [(n, local_tensor(p)) for n, p in model.named_parameters() if id(p) not in tracked_ids]
+        untracked += [(n, b) for n, b in model.named_buffers()]
+        grouped = not flatten or any(is_dtensor(p) for _, p in named)
+        check_aliasing(local, untracked, allow_ties=not grouped)
+        if grouped:
+            ops.check_dense(local, "SwitchEMA(flatten=False)" if not flatten else "SwitchEMA (sharded params)")
         resolved: dict[torch.device, str] = {}
         for device, _ in plan_buckets(named):  # a DTensor reports its local shard's device and dtype
             if device not in resolved:

@@ -283,3 +283,40 @@ def test_functional_call_leaves_the_buckets_in_place():
     torch.func.functional_call(model, replacement, (torch.randn(2, 6),))
     ema.update()  # no BucketMovedError: functional_call puts the original params back
     assert ema.step == 1
+
+
+def non_dense_weight() -> nn.Module:
+    model = make_model()
+    model[0].weight = nn.Parameter(torch.randn(8, 12)[:, ::2])  # gaps: not addressable in place
+    return model
+
+
+def tied_pair() -> nn.Module:
+    model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4))
+    model[1].weight = nn.Parameter(model[0].weight)  # old-style tie: two Parameters, one memory
+    return model
+
+
+def param_over_a_buffer() -> nn.Module:
+    model = nn.Sequential(nn.Linear(4, 4))
+    model.register_buffer("shadow", model[0].bias.detach())
+    return model
+
+
+@pytest.mark.parametrize(
+    "build, flatten, match",
+    [
+        (non_dense_weight, False, r"flatten=False.*0\.weight \(shape \(8, 6\)"),
+        (tied_pair, False, r"'0\.weight' and '1\.weight' are distinct Parameters"),
+        (param_over_a_buffer, True, r"'0\.bias' shares memory with 'shadow'"),
+    ],
+    ids=["non-dense in place", "tie in place", "param over a buffer"],
+)
+def test_layouts_and_aliases_that_cannot_work_are_refused_at_construction(build, flatten, match):
+    model = build()
+    before = [(p.data_ptr(), p.stride(), p.detach().clone()) for p in model.parameters()]
+    with pytest.raises(ValueError, match=match):
+        sema.SwitchEMA(model, flatten=flatten)
+    for (ptr, stride, value), p in zip(before, model.parameters(), strict=True):
+        assert (p.data_ptr(), p.stride()) == (ptr, stride)
+        assert_bits_equal(p.detach(), value, "param")
