@@ -1,7 +1,8 @@
 """Triton kernels for sema, installed as ``sema.kernels``: the ``triton`` backend.
 
 Every op of the kernel contract (:mod:`sema.reference` has the signatures) in one pass over
-flat buckets, plus a multi-tensor update over a device table of pointers. Importing this
+flat buckets, the K-EMA update (K EMAs of one bucket, the params read once), and the
+multi-tensor updates over a device table of pointers. Importing this
 module never fails for want of triton; :func:`availability` then says why it cannot run.
 """
 
@@ -18,11 +19,20 @@ except ImportError as exc:  # an optional dependency: pip install sema[triton]
 else:
     _IMPORT_ERROR = ""
     from .ema import ema_update_
+    from .ema_k import ema_update_k_, ema_update_k_multi_
     from .multi import ema_update_multi_
     from .swap import swap_
     from .switch import switch_
 
-__all__ = ["availability", "ema_update_", "ema_update_multi_", "swap_", "switch_"]
+__all__ = [
+    "availability",
+    "ema_update_",
+    "ema_update_k_",
+    "ema_update_k_multi_",
+    "ema_update_multi_",
+    "swap_",
+    "switch_",
+]
 
 _CPU_REASON = "CPU only under TRITON_INTERPRET=1, for tests"
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+from collections.abc import Sequence
 
 import torch
 import triton.language as tl
@@ -32,8 +33,17 @@ def aligned_head(ema_address: int, param_address: int, ema_size: int, param_size
     """Elements before both addresses reach a 16-byte boundary together, to be run apart so that
     the rest gets vector accesses. 0 when they start aligned, and also when they never align
     together (offsets that differ) or the tensors end first: then nothing is split off."""
+    return common_aligned_head((ema_address,), param_address, ema_size, param_size, n_elements)
+
+
+def common_aligned_head(
+    ema_addresses: Sequence[int], param_address: int, ema_size: int, param_size: int, n_elements: int
+) -> int:
+    """:func:`aligned_head` for several EMAs of one param: all of them and the param together."""
     for head in range(16 // min(ema_size, param_size)):
-        if (ema_address + head * ema_size) % 16 == (param_address + head * param_size) % 16 == 0:
+        if (param_address + head * param_size) % 16 == 0 and all(
+            (address + head * ema_size) % 16 == 0 for address in ema_addresses
+        ):
             return head if head < n_elements else 0
     return 0
 
@@ -41,12 +51,19 @@ def aligned_head(ema_address: int, param_address: int, ema_size: int, param_size
 def aligned_parts(ema: Tensor, param: Tensor) -> list[tuple[Tensor, Tensor]]:
     """The parts to launch over: none for empty tensors, ``(ema, param)``, or its unaligned head
     and its aligned rest (:func:`aligned_head`)."""
-    if ema.numel() == 0:
+    return [(emas[0], part) for emas, part in aligned_parts_k([ema], param)]
+
+
+def aligned_parts_k(emas: Sequence[Tensor], param: Tensor) -> list[tuple[list[Tensor], Tensor]]:
+    """:func:`aligned_parts` for several EMAs of one param (:func:`common_aligned_head`)."""
+    if param.numel() == 0:
         return []
-    head = aligned_head(ema.data_ptr(), param.data_ptr(), ema.element_size(), param.element_size(), ema.numel())
+    head = common_aligned_head(
+        [ema.data_ptr() for ema in emas], param.data_ptr(), emas[0].element_size(), param.element_size(), param.numel()
+    )
     if head == 0:
-        return [(ema, param)]
-    return [(ema[:head], param[:head]), (ema[head:], param[head:])]
+        return [(list(emas), param)]
+    return [([ema[:head] for ema in emas], param[:head]), ([ema[head:] for ema in emas], param[head:])]
 
 
 def device_guard(device: torch.device) -> contextlib.AbstractContextManager:

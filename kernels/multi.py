@@ -12,7 +12,7 @@ import triton.language as tl
 from torch import Tensor
 
 from .ema import update_rows
-from .launch import NUM_WARPS, TRITON_DTYPES, aligned_head, block_size, device_guard
+from .launch import NUM_WARPS, TRITON_DTYPES, block_size, common_aligned_head, device_guard
 from .layout import TAIL_PARTS
 
 ENTRY_LENGTH = tl.constexpr(3)  # block table row: ema address, param address, element count
@@ -53,56 +53,59 @@ _table_cache: OrderedDict[tuple, Tensor] = OrderedDict()
 _captured_tables: dict[tuple, Tensor] = {}  # read by CUDA graph replays: never freed
 
 
-def _entries(rows: Sequence[int], block: int, ema_size: int, param_size: int) -> list[int]:
-    """Block table rows for tensors given as (ema address, param address, element count).
+def _entries(rows: Sequence[int], block: int, ema_size: int, param_size: int, n_emas: int = 1) -> list[int]:
+    """Block table rows for tensors given as (ema address, param address, element count), or
+    with ``n_emas`` EMAs of one param as (``n_emas`` EMA addresses, param address, count).
 
-    A pair whose addresses reach a 16-byte boundary together after a few elements gets that
+    A row whose addresses reach a 16-byte boundary together after a few elements gets that
     head as an entry of its own, so that its full blocks are aligned. A full block that still
     is not aligned gets the count ``block + 1``: it takes the masked path, which assumes no
     alignment and covers the whole block. Partial entries come first: blocks usually start in
     program order, and the slower masked passes then run beside the full blocks."""
+    width = n_emas + 2
     partial: list[int] = []
     full: list[int] = []
-    for ema_address, param_address, n_elements in zip(rows[0::3], rows[1::3], rows[2::3], strict=True):
-        head = aligned_head(ema_address, param_address, ema_size, param_size, n_elements)
+    for row in range(0, len(rows), width):
+        ema_addresses, param_address, n_elements = rows[row : row + n_emas], rows[row + n_emas], rows[row + n_emas + 1]
+        head = common_aligned_head(ema_addresses, param_address, ema_size, param_size, n_elements)
         if head:
-            partial += (ema_address, param_address, head)
+            partial += (*ema_addresses, param_address, head)
         for start in range(head, n_elements, block):
-            ema_start, param_start = ema_address + start * ema_size, param_address + start * param_size
+            addresses = (*(address + start * ema_size for address in ema_addresses), param_address + start * param_size)
             count = min(block, n_elements - start)
             if count < block:
-                partial += (ema_start, param_start, count)
-            elif ema_start % 16 or param_start % 16:
-                partial += (ema_start, param_start, block + 1)
+                partial += (*addresses, count)
+            elif any(address % 16 for address in addresses):
+                partial += (*addresses, block + 1)
             else:
-                full += (ema_start, param_start, block)
+                full += (*addresses, block)
     return partial + full
 
 
-def _block_table(emas: Sequence[Tensor], params: Sequence[Tensor], block: int) -> Tensor:
-    """The block table (int64 ``[programs, 3]``, :func:`_entries`) on the tensors' device. Empty
-    tensors get no entry.
+def _block_table(ema_lists: Sequence[Sequence[Tensor]], params: Sequence[Tensor], block: int) -> Tensor:
+    """The block table (int64 ``[programs, K + 2]``, :func:`_entries`) on the tensors' device, for
+    ``K = len(ema_lists)`` lists of EMAs, each with one EMA per param. Empty tensors get no entry.
 
     It holds only addresses and counts, so equal keys mean equal tables: it is cached, and a
     training loop that passes the same tensors each step copies nothing to the device."""
     rows: list[int] = []
-    for ema, param in zip(emas, params, strict=True):
-        if ema.numel():  # sema.ops checked density: data_ptr() is the lowest address of each
-            rows += (ema.data_ptr(), param.data_ptr(), ema.numel())
-    device = emas[0].device
-    ema_size, param_size = emas[0].element_size(), params[0].element_size()
+    for i, param in enumerate(params):
+        if param.numel():  # sema.ops checked density: data_ptr() is the lowest address of each
+            rows += (*(ema_list[i].data_ptr() for ema_list in ema_lists), param.data_ptr(), param.numel())
+    device = params[0].device
+    ema_size, param_size = ema_lists[0][0].element_size(), params[0].element_size()
     capturing = device.type == "cuda" and torch.cuda.is_current_stream_capturing()
-    key = (device, block, ema_size, param_size, *rows)
+    key = (device, block, ema_size, param_size, len(ema_lists), *rows)
     cached = _captured_tables.get(key)
     if cached is None:
         cached = _table_cache.get(key)
     if cached is None:
         if capturing:  # a copy from host memory would be replayed from a buffer reused meanwhile
             raise RuntimeError(
-                "sema.kernels.ema_update_multi_: its pointer table is built on the first call with a "
-                "set of tensors; make one eager call with these tensors before CUDA-graph capture"
+                "sema.kernels.ema_update_multi_ / ema_update_k_multi_: its pointer table is built on the first "
+                "call with a set of tensors; make one eager call with these tensors before CUDA-graph capture"
             )
-        table = torch.tensor(_entries(rows, block, ema_size, param_size), dtype=torch.int64)
+        table = torch.tensor(_entries(rows, block, ema_size, param_size, len(ema_lists)), dtype=torch.int64)
         if device.type == "cuda":
             table = table.pin_memory().to(device, non_blocking=True)  # no host sync
         cached = table
@@ -124,7 +127,7 @@ def _launch_update_multi(emas: Sequence[Tensor], params: Sequence[Tensor], w: fl
         group_params.append(param)
     for (ema_dtype, param_dtype), (group_emas, group_params) in groups.items():
         block = block_size(ema_dtype, param_dtype)
-        block_table = _block_table(group_emas, group_params, block)
+        block_table = _block_table([group_emas], group_params, block)
         n_programs = block_table.numel() // ENTRY_LENGTH.value
         if n_programs == 0:  # only empty tensors
             continue

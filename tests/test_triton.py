@@ -589,11 +589,11 @@ def test_multi_block_table_is_cached():
     block = 4096
     emas = [torch.zeros(n, device=DEVICE) for n in (3 * block + 5, 0, 7)]
     params = [torch.zeros(n, device=DEVICE) for n in (3 * block + 5, 0, 7)]
-    table = multi._block_table(emas, params, block)
+    table = multi._block_table([emas], params, block)
     assert table.view(-1, 3)[:, 2].tolist() == [5, 7, block, block, block]  # no entry for the empty tensor
-    assert multi._block_table(emas, params, block) is table
+    assert multi._block_table([emas], params, block) is table
     as_bf16 = [p.view(torch.bfloat16)[: p.numel()] for p in params]  # same addresses and counts
-    assert multi._block_table(emas, as_bf16, block) is not table
+    assert multi._block_table([emas], as_bf16, block) is not table
 
 
 def test_ema_update_multi_unaligned_views(generator):
