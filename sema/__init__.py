@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from sema import ops
 from sema.backends import BackendUnavailableError, available_backends
-from sema.buckets import BucketMovedError, FlatBucket
+from sema.buckets import BucketMovedError, FlatBucket, ParamAliasError, live_state_dict
 from sema.schedules import DecaySchedule
 from sema.switch_ema import SwappedWriteError, SwitchEMA, SwitchHorizonWarning, UntrackedParamWarning
 
@@ -20,11 +20,13 @@ __all__ = [
     "BucketMovedError",
     "DecaySchedule",
     "FlatBucket",
+    "ParamAliasError",
     "SwappedWriteError",
     "SwitchEMA",
     "SwitchHorizonWarning",
     "UntrackedParamWarning",
     "__version__",
     "available_backends",
+    "live_state_dict",
     "ops",
 ]

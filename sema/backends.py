@@ -71,7 +71,10 @@ def check(name: str, device_type: str) -> tuple[bool, str]:
     module, reason = _load(name)
     if module is None:
         return False, reason
-    return module.availability(device_type)
+    ok, reason = module.availability(device_type)
+    if ok and name != "torch":  # no kernel has an fp64 path (sema.storage.FP64_BACKEND)
+        reason += "; fp64 params are served by the torch backend"
+    return ok, reason
 
 
 def available_backends(device: str | torch.device | None = None) -> dict[str, tuple[bool, str]]:

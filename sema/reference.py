@@ -38,6 +38,11 @@ if sys.byteorder != "little":  # the bf16 packing reads the halves of an fp32 wo
     raise ImportError("sema's reference swap_ assumes a little-endian machine")
 
 
+# Dtypes whose lerp PyTorch computes in their own precision: fp32, and fp64 (SwitchEMA's fp64
+# buckets, which only this backend serves, with an fp64 weight).
+_FULL = (torch.float32, torch.float64)
+
+
 def availability(device_type: str) -> tuple[bool, str]:
     return True, "pure PyTorch, runs on any device"
 
@@ -103,12 +108,12 @@ def ema_update_(ema: Tensor, param: Tensor, w: float | Tensor, switch: bool = Fa
     """``ema <- lerp(ema, param, w)`` in fp32; with ``switch``, then ``param <- cast(ema)``."""
     key = ("update", ema.dtype, param.dtype, switch)
     nbytes = 2 * ema.element_size() + (2 if switch else 1) * param.element_size()
-    if ema.dtype == param.dtype and (ema.dtype == torch.float32 or ema.device.type == "cpu"):
+    if ema.dtype == param.dtype and (ema.dtype in _FULL or ema.device.type == "cpu"):
         # fp32, or a reduced dtype on the CPU: PyTorch's CPU lerp on bf16/fp16 computes in fp32
         # and rounds once when the weight is a Python float (a tensor weight would first be
         # rounded to bf16/fp16), 3x faster than the casts below. float() of a CPU tensor costs
         # no device sync.
-        weight = w if ema.dtype == torch.float32 else float(w)
+        weight = w if ema.dtype in _FULL else float(w)
         if switch:
             _blocked(lambda e, p: _lerp_then_copy(e, p, weight), key, nbytes, True, False, ema, param)
         else:  # a single pass: blocking gains nothing
@@ -207,9 +212,9 @@ def ema_update_k_(emas: Sequence[Tensor], param: Tensor, ws: Tensor, switch_inde
     the arithmetic of :func:`ema_update_` (so the result is bit for bit K single updates)."""
     ema0 = emas[0]
     weights = [ws[k] for k in range(len(emas))]  # 0-d views: no host read
-    if ema0.dtype == param.dtype and ema0.dtype != torch.float32 and ema0.device.type == "cpu":
+    if ema0.dtype == param.dtype and ema0.dtype not in _FULL and ema0.device.type == "cpu":
         weights = [float(w) for w in weights]  # as the single op: a float weight on the CPU
-    same = ema0.dtype == param.dtype and (ema0.dtype == torch.float32 or ema0.device.type == "cpu")
+    same = ema0.dtype == param.dtype and (ema0.dtype in _FULL or ema0.device.type == "cpu")
     widened = ema0.dtype == torch.float32 and param.dtype != torch.float32
 
     def body(p: Tensor, *es: Tensor) -> None:

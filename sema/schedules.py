@@ -103,8 +103,8 @@ class DecaySchedule:
         # update_after_step calls themselves (ema-pytorch's count, for compensate=False).
         self.start_step = copy_updates * update_every if start_step is None else int(start_step)
         self._exponent = update_every if compensate else 1
-        self._constant: dict[torch.device, Tensor] = {}
-        self._one: dict[torch.device, Tensor] = {}
+        self._constant: dict[tuple[torch.device, torch.dtype], Tensor] = {}
+        self._one: dict[tuple[torch.device, torch.dtype], Tensor] = {}
         self.settled_after = self._settled_after()
 
     def _settled_after(self) -> int:
@@ -179,46 +179,47 @@ class DecaySchedule:
         d = self.decay_at(update_index * self.update_every - self.start_step)
         return float(torch.tensor(1.0 - d**self._exponent, dtype=torch.float64).to(torch.float32))
 
-    def weight(self, step: Tensor, known_at_least: int | None = None) -> Tensor:
+    def weight(self, step: Tensor, known_at_least: int | None = None, dtype: torch.dtype = torch.float32) -> Tensor:
         """0-d float32 weight on ``step``'s device for update number ``step`` (an int64 0-d
         tensor, copies included). Pure device arithmetic: capturable, traceable, no host read.
 
         ``known_at_least``: a lower bound of ``step`` that the caller knows on the host. Past the
         copies and the warmup the weight is then a cached tensor, and past the copies alone the
-        copy test is left out; the bits are those of the full formula either way."""
+        copy test is left out; the bits are those of the full formula either way. ``dtype``:
+        float32 (what the kernels take) or float64 (for fp64 params, whose math is fp64)."""
         N = self.copy_updates
         if known_at_least is not None and known_at_least >= N + self.settled_after:
-            return self._final(step.device)
+            return self._final(step.device, dtype)
         if self.warmup is None:
-            w = self._final(step.device)
+            w = self._final(step.device, dtype)
         elif known_at_least is not None and known_at_least >= N:
-            return self._formula(step)
+            return self._formula(step, dtype)
         else:
-            w = self._formula(step)
+            w = self._formula(step, dtype)
         if N == 0:
             return w
-        return torch.where(step < N, self.one(step.device), w)
+        return torch.where(step < N, self.one(step.device, dtype), w)
 
-    def one(self, device: torch.device) -> Tensor:
-        """The weight of a copy, cached per device."""
-        w = self._one.get(device)
+    def one(self, device: torch.device, dtype: torch.dtype = torch.float32) -> Tensor:
+        """The weight of a copy, cached per device and dtype."""
+        w = self._one.get((device, dtype))
         if w is None:
-            w = self._one[device] = torch.ones((), dtype=torch.float32, device=device)
+            w = self._one[(device, dtype)] = torch.ones((), dtype=dtype, device=device)
         return w
 
-    def _final(self, device: torch.device) -> Tensor:
-        """The weight once the warmup is over, cached per device (the formula's own bits)."""
-        w = self._constant.get(device)
+    def _final(self, device: torch.device, dtype: torch.dtype = torch.float32) -> Tensor:
+        """The weight once the warmup is over, cached per device and dtype (the formula's bits)."""
+        w = self._constant.get((device, dtype))
         if w is None:
             if self.warmup is None:
-                w = torch.tensor(1.0 - self.decay**self._exponent, dtype=torch.float32, device=device)
+                w = torch.tensor(1.0 - self.decay**self._exponent, dtype=dtype, device=device)
             else:
                 at = torch.full((), self.copy_updates + self.settled_after, dtype=torch.int64, device=device)
-                w = self._formula(at)
-            self._constant[device] = w
+                w = self._formula(at, dtype)
+            self._constant[(device, dtype)] = w
         return w
 
-    def _formula(self, step: Tensor) -> Tensor:
+    def _formula(self, step: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
         """The weight of averaging update ``step - copy_updates`` (not valid for a copy)."""
         d = self.decay
         if self.warmup == "inverse":
@@ -244,13 +245,15 @@ class DecaySchedule:
                 else:
                     warm = torch.pow(r, 1.0 - t / T) * d
                 decay_t = torch.where(t < T, warm, torch.full_like(t, d))
-        return (1.0 - decay_t**self._exponent).to(torch.float32)
+        return (1.0 - decay_t**self._exponent).to(dtype)
 
 
 def copy_updates_of(update_after_step: int, update_every: int, compensate: bool) -> int:
     """How many EMA updates copy when the first ``update_after_step`` calls of ``update()`` copy:
     the updates among those calls. Compensated, updates fire on calls K, 2K, ... (1-based);
     otherwise on calls 1, K + 1, 2K + 1, ..."""
+    if isinstance(update_every, bool) or not isinstance(update_every, int) or update_every < 1:
+        return 0  # DecaySchedule refuses it, with the reason
     if compensate:
         return update_after_step // update_every
     return -(-update_after_step // update_every)

@@ -35,6 +35,9 @@ _storage_use_count = getattr(torch._C, "_storage_Use_Count", None)
 # reused while the entry exists): how a second SwitchEMA of one model finds the first one's buckets.
 _LIVE_BUCKETS: weakref.WeakValueDictionary[int, FlatBucket] = weakref.WeakValueDictionary()
 
+# No kernel has an fp64 path: fp64 buckets and groups run on the reference backend, in fp64.
+FP64_BACKEND = "torch"
+
 # Param storages (by address) held by a SwitchEMA inside swapped(): every SwitchEMA over the same
 # params refuses to update, switch or swap until that block ends.
 ACTIVE_SWAPS: dict[int, object] = {}
@@ -116,10 +119,19 @@ class TensorGroup:
     data_ptrs: tuple[int, ...]
 
     def moved(self) -> list[str]:
-        ptrs = tuple(local_tensor(p).data_ptr() for p in self.params)
+        locals_ = [local_tensor(p) for p in self.params]
+        ptrs = tuple(t.data_ptr() for t in locals_)
         if ptrs == self.data_ptrs:
             return []
-        return [n for n, ptr, old in zip(self.names, ptrs, self.data_ptrs, strict=False) if ptr != old]
+        # The cached views follow their storage (share_memory() moves it in place: no move).
+        moved = [
+            n
+            for n, t, v in zip(self.names, locals_, self.views, strict=True)
+            if t.data_ptr() != v.data_ptr() or t.shape != v.shape or t.stride() != v.stride()
+        ]
+        if not moved:
+            self.data_ptrs = ptrs
+        return moved
 
 
 def _build_group(
@@ -181,7 +193,8 @@ class EMAStorage:
         grouped: list[tuple[torch.device, torch.dtype, list, torch.dtype, bool]] = []
         for members_of, copies in ((averaged, False), (copied, True)):
             for (device, dtype), members in plan_buckets(members_of).items():
-                target = dtype if ema_dtype is None else ema_dtype
+                # fp64 params always get an fp64 EMA: an fp32 one would lose what they hold.
+                target = dtype if ema_dtype is None or dtype == torch.float64 else ema_dtype
                 # DTensor params (FSDP2 shards) cannot be re-pointed into a bucket: they always
                 # use the multi-tensor mode, on their local shards, with no communication.
                 if not flatten or any(is_dtensor(p) for _, p in members):
@@ -204,25 +217,44 @@ class EMAStorage:
                         grouped.append((device, dtype, ours, target, copies))
                 if outside:
                     fresh.append((device, dtype, outside, target, copies))
-        # All or nothing: if a bucket cannot be built, no param is left re-pointed.
-        built = build_buckets([(device, dtype, members, target) for device, dtype, members, target, _ in fresh])
-        for bucket, (*_, copies) in zip(built, fresh, strict=True):
-            self._add_bucket(bucket, copies)
-        for bucket, ours, target, copies in shared:
-            self._add_bucket(_share_bucket(bucket, ours, target), copies)
+        # All or nothing: if anything fails once buckets are built (an allocation, say), every
+        # param points at its old memory again (build_buckets itself undoes a failed bucket).
         for device, dtype, members, target, copies in grouped:
             self.tensor_groups.append(_build_group(device, dtype, members, target))
             if copies:
                 self._copy_only.add(id(self.tensor_groups[-1]))
-        # EMAs 1..K-1 of K decays, beside EMA 0 (the bucket's ema_flat, the group's emas); all K
-        # start as copies of the params and are updated by one fused pass.
-        self._more: dict[int, list] = {id(b): [b.ema_flat.clone() for _ in range(num_emas - 1)] for b in self.buckets}
-        for g in self.tensor_groups:
-            self._more[id(g)] = [[e.clone() for e in g.emas] for _ in range(num_emas - 1)]
-        self._ones: dict[torch.device, Tensor] = {}
+        moving = [p for _, _, members, _, _ in fresh for _, p in members]
+        originals = [p.data for p in moving]
+        built = build_buckets([(device, dtype, members, target) for device, dtype, members, target, _ in fresh])
+        try:
+            for bucket, (*_, copies) in zip(built, fresh, strict=True):
+                self._add_bucket(bucket, copies)
+            for bucket, ours, target, copies in shared:
+                self._add_bucket(_share_bucket(bucket, ours, target), copies)
+            # EMAs 1..K-1 of K decays, beside EMA 0 (the bucket's ema_flat, the group's emas); all
+            # K start as copies of the params and are updated by one fused pass.
+            self._more: dict[int, list] = {
+                id(b): [b.ema_flat.clone() for _ in range(num_emas - 1)] for b in self.buckets
+            }
+            for g in self.tensor_groups:
+                self._more[id(g)] = [[e.clone() for e in g.emas] for _ in range(num_emas - 1)]
+        except BaseException:
+            for p, old in zip(moving, originals, strict=True):
+                p.data = old
+            raise
+        self._ones: dict[tuple[torch.device, torch.dtype], Tensor] = {}
         self._bucket_storages = [b.param_flat.untyped_storage() for b in self.buckets]
         self._use_counts: tuple[int, ...] | None = None
         self.remember_placement()
+
+    def backend_of(self, holder: FlatBucket | TensorGroup) -> str:
+        """The backend that serves a bucket or group: the device's, except for fp64, which only
+        the torch backend computes (in fp64, its weight included)."""
+        return FP64_BACKEND if holder.dtype == torch.float64 else self.backends[holder.device]
+
+    @property
+    def has_fp64(self) -> bool:
+        return any(h.dtype == torch.float64 for h in (*self.buckets, *self.tensor_groups))
 
     def bucket_emas(self, bucket: FlatBucket) -> list[Tensor]:
         """The K flat EMA buffers of ``bucket``, EMA 0 first."""
@@ -298,39 +330,53 @@ class EMAStorage:
         """(EMA ``index``, param, backend) as flat 1-D tensors: one pair per bucket, one per
         grouped param."""
         for bucket in self.buckets:
-            yield self.bucket_emas(bucket)[index], bucket.param_flat, self.backends[bucket.device]
+            yield self.bucket_emas(bucket)[index], bucket.param_flat, self.backend_of(bucket)
         for group in self.tensor_groups:
             for e, v in zip(self.group_emas(group)[index], group.views, strict=True):
-                yield ops.dense_view(e), ops.dense_view(v), self.backends[group.device]
+                yield ops.dense_view(e), ops.dense_view(v), self.backend_of(group)
 
-    def update_(self, weights: dict[torch.device, Tensor], switch: bool, switch_index: int = 0) -> None:
+    def update_(
+        self,
+        weights: dict[torch.device, Tensor],
+        switch: bool,
+        switch_index: int = 0,
+        weights64: dict[torch.device, Tensor] | None = None,
+    ) -> None:
         """``ema <- lerp(ema, param, w)`` (then ``param <- ema`` with ``switch``), one fused launch
         per bucket and one multi-tensor launch per group. With K EMAs, ``weights`` holds a (K,)
         tensor per device, one pass reads the params once for all K, and the switch takes EMA
         ``switch_index``."""
         copies = self._copy_only
+        if weights64:
+
+            def weight_of(holder: FlatBucket | TensorGroup) -> Tensor:
+                return (weights64 if holder.dtype == torch.float64 else weights)[holder.device]
+        else:
+
+            def weight_of(holder: FlatBucket | TensorGroup) -> Tensor:
+                return weights[holder.device]
+
         if self.num_emas > 1:
             index = switch_index if switch else None
             for bucket in self.buckets:
-                w = self._all_ones(bucket.device) if copies and id(bucket) in copies else weights[bucket.device]
-                ops.dispatch_update_k(
-                    self.bucket_emas(bucket), bucket.param_flat, w, index, self.backends[bucket.device]
-                )
+                w = self._all_ones(bucket) if copies and id(bucket) in copies else weight_of(bucket)
+                ops.dispatch_update_k(self.bucket_emas(bucket), bucket.param_flat, w, index, self.backend_of(bucket))
             for group in self.tensor_groups:
-                w = self._all_ones(group.device) if copies and id(group) in copies else weights[group.device]
-                ops.dispatch_update_k_multi(self.group_emas(group), group.views, w, index, self.backends[group.device])
+                w = self._all_ones(group) if copies and id(group) in copies else weight_of(group)
+                ops.dispatch_update_k_multi(self.group_emas(group), group.views, w, index, self.backend_of(group))
             return
         for bucket in self.buckets:
-            w = 1.0 if copies and id(bucket) in copies else weights[bucket.device]
-            ops.dispatch_update(bucket.ema_flat, bucket.param_flat, w, switch, self.backends[bucket.device])
+            w = 1.0 if copies and id(bucket) in copies else weight_of(bucket)
+            ops.dispatch_update(bucket.ema_flat, bucket.param_flat, w, switch, self.backend_of(bucket))
         for group in self.tensor_groups:
-            w = 1.0 if copies and id(group) in copies else weights[group.device]
-            ops.dispatch_update_multi(group.emas, group.views, w, switch, self.backends[group.device])
+            w = 1.0 if copies and id(group) in copies else weight_of(group)
+            ops.dispatch_update_multi(group.emas, group.views, w, switch, self.backend_of(group))
 
-    def _all_ones(self, device: torch.device) -> Tensor:
-        w = self._ones.get(device)
+    def _all_ones(self, holder: FlatBucket | TensorGroup) -> Tensor:
+        dtype = torch.float64 if holder.dtype == torch.float64 else torch.float32
+        w = self._ones.get((holder.device, dtype))
         if w is None:
-            w = self._ones[device] = torch.ones(self.num_emas, dtype=torch.float32, device=device)
+            w = self._ones[(holder.device, dtype)] = torch.ones(self.num_emas, dtype=dtype, device=holder.device)
         return w
 
     def switch_(self, index: int = 0) -> None:

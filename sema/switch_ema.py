@@ -164,9 +164,17 @@ class SwitchEMA:
                 + (" among those include/exclude select" if include or exclude else "")
                 + "); there is nothing to average"
             )
-        bad = [f"{n} ({p.dtype})" for n, p in named if p.dtype not in ops.PARAM_DTYPES]
+        bad = [f"{n} ({p.dtype})" for n, p in named if p.dtype not in (*ops.PARAM_DTYPES, torch.float64)]
         if bad:
-            raise TypeError(f"SwitchEMA: params must be float32, bfloat16 or float16; these are not: {', '.join(bad)}")
+            raise TypeError(
+                f"SwitchEMA: params must be float32, bfloat16, float16 or float64; these are not: {', '.join(bad)}"
+                + (
+                    ". A complex param has no order-free average here: keep its real and imaginary parts as two "
+                    "real params (torch.view_as_real)"
+                    if any(p.is_complex() for _, p in named)
+                    else ""
+                )
+            )
         bad = [n for n, p in named if p.is_sparse or p.layout != torch.strided]
         if bad:
             raise TypeError(f"SwitchEMA: sparse params are not supported: {', '.join(bad)}")
@@ -193,7 +201,7 @@ class SwitchEMA:
         if not isinstance(backend, str):
             raise TypeError(f"SwitchEMA: backend must be a str such as 'auto', got {backend!r}")
         if ema_dtype is not None and ema_dtype != torch.float32:
-            odd = sorted({str(p.dtype) for _, p in named if p.dtype != ema_dtype})
+            odd = sorted({str(p.dtype) for _, p in named if p.dtype not in (ema_dtype, torch.float64)})
             if odd:
                 raise TypeError(
                     f"SwitchEMA: ema_dtype={ema_dtype} does not fit params of dtype {', '.join(odd)}; "
@@ -237,13 +245,18 @@ class SwitchEMA:
         self.storage = EMAStorage(
             named, ema_dtype, self.flatten, resolved, copy_only=selection.copy_only, num_emas=len(schedules)
         )
-        self._final_weights: dict[torch.device, Tensor] = {}
+        self._final_weights: dict[tuple[torch.device, torch.dtype], Tensor] = {}
+        self._fp64 = self.storage.has_fp64
         self._steps = {device: torch.zeros((), dtype=torch.int64, device=device) for device in resolved}
         for step in self._steps.values():
             for schedule in self.schedules:  # cached now, not inside a traced update
                 schedule.weight(step, known_at_least=2**62)
                 schedule.one(step.device)
             self._weights(step, 2**62)
+            if self._fp64:
+                self._weights(step, 2**62, torch.float64)
+                for schedule in self.schedules:
+                    schedule.one(step.device, torch.float64)
         self._on_cuda = any(device.type == "cuda" for device in resolved)
         # A lower bound of the device step, counted by eager updates only (graph replays and
         # compiled calls add to the device step without the host seeing them): once it passes
@@ -392,7 +405,10 @@ class SwitchEMA:
     def _update_now(self, switch: bool, traced: bool) -> None:
         known = None if traced else self._updates_seen
         weights = {device: self._weights(step, known) for device, step in self._steps.items()}
-        self.storage.update_(weights, switch)
+        weights64 = None
+        if self._fp64:  # fp64 params: the weight in fp64 too
+            weights64 = {device: self._weights(step, known, torch.float64) for device, step in self._steps.items()}
+        self.storage.update_(weights, switch, weights64=weights64)
         self.tracked_buffers.update_(weights)
         for step in self._steps.values():
             step.add_(1)
@@ -419,19 +435,19 @@ class SwitchEMA:
                 stacklevel=3,
             )
 
-    def _weights(self, step: Tensor, known: int | None) -> Tensor:
+    def _weights(self, step: Tensor, known: int | None, dtype: torch.dtype = torch.float32) -> Tensor:
         """EMA 0's weight (0-d), or with K decays a (K,) tensor of the K weights: cached once every
         schedule has settled, else stacked on the device (one launch more)."""
         if len(self.schedules) == 1:
-            return self.schedule.weight(step, known)
+            return self.schedule.weight(step, known, dtype)
         settled = max(s.copy_updates + s.settled_after for s in self.schedules)
         if known is not None and known >= settled:
-            w = self._final_weights.get(step.device)
+            w = self._final_weights.get((step.device, dtype))
             if w is None:
-                w = torch.stack([s.weight(step, known) for s in self.schedules])
-                self._final_weights[step.device] = w
+                w = torch.stack([s.weight(step, known, dtype) for s in self.schedules])
+                self._final_weights[(step.device, dtype)] = w
             return w
-        return torch.stack([s.weight(step, known) for s in self.schedules])
+        return torch.stack([s.weight(step, known, dtype) for s in self.schedules])
 
     def _check_index(self, where: str, index: int) -> None:
         if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index < len(self.schedules):

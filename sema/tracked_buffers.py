@@ -31,7 +31,8 @@ class TrackedBuffers:
             for name, b in model.named_buffers():
                 self.names.append(name)
                 self.buffers.append(b)
-                keep = torch.float32 if (b.is_floating_point() and ema_dtype is not None) else b.dtype
+                widen = b.is_floating_point() and ema_dtype is not None and b.dtype != torch.float64
+                keep = torch.float32 if widen else b.dtype
                 self.emas.append(b.detach().to(keep, copy=True))
 
     def update_(self, weights: dict[torch.device, Tensor]) -> None:
@@ -40,7 +41,8 @@ class TrackedBuffers:
         with torch.no_grad():
             for b, e in zip(self.buffers, self.emas, strict=False):
                 if self.policy == "ema" and e.is_floating_point():
-                    e.lerp_(b.to(e.dtype), weights.get(b.device, next(iter(weights.values()))).to(b.device))
+                    w = weights.get(b.device, next(iter(weights.values())))
+                    e.lerp_(b.to(e.dtype), w.to(device=b.device, dtype=e.dtype))
                 else:
                     e.copy_(b)
 

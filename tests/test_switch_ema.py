@@ -497,7 +497,7 @@ def bad_constructors():
         ("backend name", {"backend": "nope"}, ValueError, "unknown backend"),
         ("backend device", {"backend": "cuda"}, sema.BackendUnavailableError, "cannot run on cpu"),
         ("no params", {"model": frozen}, ValueError, "no trainable parameters"),
-        ("fp64 params", {"model": make_model().double()}, TypeError, "0.weight"),
+        ("complex params", {"model": make_model().to(torch.complex64)}, TypeError, "0.weight.*view_as_real"),
         ("not a module", {"model": [1, 2]}, TypeError, "nn.Module"),
     ]
 
