@@ -4,7 +4,9 @@ Each kernel family is compiled for sm_90 (``GPUTarget("cuda", 90, 32)``; Triton 
 cuobjdump) in a subprocess, because the interpreter is chosen when triton is first imported. The
 tests then read the PTX, the TTIR and the resource usage: 16-byte vector accesses, int64 block
 offsets, registers per thread (which set how many blocks fit on an SM), no shared-memory round
-trips in the mixed-dtype kernels, and one table load before the data in the multi-tensor kernel.
+trips in the mixed-dtype kernels, and one table load before the data in the multi-tensor kernels.
+The K-EMA kernels (K = 2, 4, 8 EMAs of one param) are held to the same, with their own
+register bound.
 
 ``SEMA_KERNELS_DIR=<a copy of kernels/>`` compiles that copy instead of the installed
 ``sema.kernels``. That is how each property test was shown to fail on the kernels before it:
@@ -39,6 +41,14 @@ NUM_THREADS = 8 * 32  # sema.kernels.launch.NUM_WARPS warps of 32
 # 208 with 3.6 (137 for an unaligned update): one to three blocks per SM.
 MIN_BLOCKS_PER_SM = 6
 MAX_REGISTERS = 65536 // (MIN_BLOCKS_PER_SM * NUM_THREADS) // 8 * 8
+# The K-EMA kernels hold a thread's 16 param values (fp32) beside one EMA at a time: 48 registers,
+# 5 blocks per SM, each with 256 x 64 B of EMA loads in flight (80 KB per SM, still more than twice
+# what Little's law asks). Measured on sm_90, flat / multi-tensor kernels: triton 3.9 K=2 32-44 /
+# 36-41, K=4 40-44 / 40-48, K=8 46-48 / 44; triton 3.6 K=2 34-44 / 36-43, K=4 41-48 / 37-48, K=8
+# 47-48 / 44. With the single update's 8192-element blocks for 2-byte EMAs (32 param values per
+# thread) and all K table addresses read up front they took up to 115.
+K_EMA_MIN_BLOCKS_PER_SM = 5
+K_EMA_MAX_REGISTERS = 65536 // (K_EMA_MIN_BLOCKS_PER_SM * NUM_THREADS) // 8 * 8
 
 # (name, kernel, {argument: type}, {constexpr: value}, dtypes read, dtypes written). Pointers are
 # declared 16-byte aligned, as Triton specializes them at launch. ``tensor_table_ptr`` and
@@ -89,6 +99,35 @@ MULTI_VARIANTS = [
      {"EMA_DTYPE": "fp16", "PARAM_DTYPE": "fp16", "SWITCH": False, "WEIGHT_IS_TENSOR": True, "ALIGNED": True},
      ["fp16", "fp16"], ["fp16"]),
 ]  # fmt: skip
+
+
+def k_ema_variants() -> tuple[list[tuple], list[tuple]]:
+    """The K-EMA kernels (ema_k.py): flat and multi-tensor, K = 2 and 4 over every dtype pair, with
+    and without the switch (at the last EMA, which keeps every param value live longest), and
+    K = 8 for fp32 EMAs of bf16 params. EMA pointers past the K-th are ``None`` (constexpr)."""
+    flat, multi = [], []
+    cases = [(k, ema, param, switch) for k in (2, 4) for ema, param in
+             (("fp32", "fp32"), ("fp32", "bf16"), ("fp32", "fp16"), ("bf16", "bf16"), ("fp16", "fp16"))
+             for switch in (False, True)] + [(8, "fp32", "bf16", True)]  # fmt: skip
+    for k, ema, param, switch in cases:
+        name = f"K={k} {ema}<-{param}{' switch' if switch else ''}"
+        reads, writes = [ema] * k + [param], [ema] * k + [param] * switch
+        index = k - 1 if switch else -1
+        types = {f"e{i}": f"*{ema}" for i in range(k)} | {"param_ptr": f"*{param}", "ws_ptr": "*fp32"}
+        constexprs = {f"e{i}": None for i in range(k, 8)} | {"K": k, "SWITCH_INDEX": index}
+        flat.append((f"k-ema {name}", "ema_k._ema_update_k_kernel", types, constexprs, reads, writes))
+        multi_constexprs = {"EMA_DTYPE": ema, "PARAM_DTYPE": param, "K": k, "SWITCH_INDEX": index}
+        multi_types = {"block_table_ptr": "*i64", "ws_ptr": "*fp32"}
+        multi.append(
+            (f"multi k-ema {name}", "ema_k._ema_update_k_multi_kernel", multi_types, multi_constexprs, reads, writes)
+        )
+    return flat, multi
+
+
+K_FLAT_VARIANTS, K_MULTI_VARIANTS = k_ema_variants()
+FLAT_VARIANTS += K_FLAT_VARIANTS
+MULTI_VARIANTS += K_MULTI_VARIANTS
+
 # The element count of a flat launch, as Triton specializes it: not a multiple of 16 (the tail's
 # masks then split vectors: scalar accesses, the most registers), or a multiple of 16 past 2**31.
 N_ELEMENTS = {"n%16!=0": "i32", "n%16==0, n>=2**31": "i64:16"}
@@ -148,7 +187,12 @@ _COMPILE_SCRIPT = textwrap.dedent(
 )
 
 
-def block_size(reads: list[str]) -> int:
+def block_size(reads: list[str], name: str) -> int:
+    """The kernel's ``BLOCK``: by the widest tensor, but 4096 for every K-EMA kernel (ema_k.py)."""
+    if "k-ema" in name:
+        from sema.kernels.ema_k import K_BLOCK
+
+        return K_BLOCK
     from sema.kernels.launch import block_size
 
     return block_size(*(DTYPES[d] for d in reads))
@@ -170,7 +214,8 @@ def compiled(tmp_path_factory) -> dict[str, dict]:
     """Facts per variant name, with its PTX and TTIR text."""
     out_dir = tmp_path_factory.mktemp("sm90")
     requests = [
-        (name, path, types, constexprs, block_size(reads)) for name, path, types, constexprs, reads, _ in all_variants()
+        (name, path, types, constexprs, block_size(reads, name))
+        for name, path, types, constexprs, reads, _ in all_variants()
     ]
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = os.pathsep.join(sys.path)
@@ -236,7 +281,7 @@ def test_full_blocks_move_16_byte_vectors(compiled):
         if types.get("n_elements", "i32") != "i32":
             continue
         got = compiled[name]
-        block = block_size(reads)
+        block = block_size(reads, name)
         loads = count(r"ld\.global(?:\.\w+)*\.v4\.b32", got["ptx"])
         stores = count(r"st\.global(?:\.\w+)*\.v4\.b32", got["ptx"])
         expected = (vectors(reads, block), vectors(writes, block))
@@ -259,7 +304,7 @@ def test_block_offsets_in_int64(compiled):
             if not widened or narrow_product:
                 wrong.append(f"{name}: program id widened {widened}, multiplied in i32: {bool(narrow_product)}")
             continue
-        block = block_size(reads)
+        block = block_size(reads, name)
         products = {}
         for bits in ("i32", "i64"):
             constants = re.findall(rf"(%[\w.]+) = arith.constant {block} : {bits}\b", ttir)
@@ -278,17 +323,32 @@ def test_registers_leave_room_for_six_blocks_per_sm(compiled):
     wrong = [
         f"{name}: {fact['registers']} registers, {fact['spills']} bytes spilled"
         for name, fact in compiled.items()
-        if fact["registers"] > MAX_REGISTERS or fact["spills"]
+        if "k-ema" not in name and (fact["registers"] > MAX_REGISTERS or fact["spills"])
     ]
     assert not wrong, f"more than {MAX_REGISTERS} registers per thread or spills:\n" + "\n".join(wrong)
 
 
+def test_k_ema_registers(compiled):
+    """The K-EMA kernels keep a thread's 16 param values in fp32 registers while they update one
+    EMA after the other, so they need more than the single update, but not more with K (2, 4, 8):
+    at most ``K_EMA_MAX_REGISTERS`` per thread (``K_EMA_MIN_BLOCKS_PER_SM``, see above), no spills."""
+    facts = {name: fact for name, fact in compiled.items() if "k-ema" in name}
+    assert {re.search(r"K=(\d+)", name).group(1) for name in facts} == {"2", "4", "8"}
+    wrong = [
+        f"{name}: {fact['registers']} registers, {fact['spills']} bytes spilled"
+        for name, fact in facts.items()
+        if fact["registers"] > K_EMA_MAX_REGISTERS or fact["spills"]
+    ]
+    assert not wrong, f"more than {K_EMA_MAX_REGISTERS} registers per thread or spills:\n" + "\n".join(wrong)
+
+
 def test_mixed_dtype_kernels_keep_values_in_their_threads(compiled):
     """A 4-byte tensor beside a 2-byte one: each element stays in the thread that loads it, so no
-    value goes through shared memory (``st.shared`` and ``bar.sync``) between the two accesses."""
+    value goes through shared memory (``st.shared`` and ``bar.sync``) between the two accesses.
+    The K-EMA kernels, whatever their dtypes: the param values they hold are reused in place."""
     wrong = []
     for name, _, _, _, reads, writes in all_variants():
-        if len({DTYPES[d].itemsize for d in reads + writes}) < 2:
+        if len({DTYPES[d].itemsize for d in reads + writes}) < 2 and "k-ema" not in name:
             continue
         fact = compiled[name]
         found = (count(r"\bst\.shared", fact["ptx"]), count(r"\bbar\.sync", fact["ptx"]), fact["shared_bytes"])
