@@ -240,7 +240,7 @@ def ema_update_k_(emas: Sequence[Tensor], param: Tensor, ws: Tensor, switch_inde
     before the switch).
 
     ``emas``: K >= 1 tensors, 1-D contiguous, of the length of ``param`` (1-D contiguous), one
-    dtype: fp32 or the param dtype (fp32/bf16/fp16); validated by :mod:`sema.ops`. ``ws``: 1-D
+    dtype: fp32 or the param dtype (fp32/bf16/fp16); validated by :mod:`sema.ops`. ``ws``: 1-D contiguous
     fp32 tensor of K weights on the device, read by the kernel (no host sync, CUDA-graph
     capturable). One pass reads the params once for up to ``MAX_K`` (8) EMAs; more EMAs run in
     passes of up to 8, each reading the params once more. Bytes per element in one pass: read
@@ -259,6 +259,6 @@ def ema_update_k_multi_(
     block of 4096 elements), cached by address as for :func:`sema.kernels.ema_update_multi_`.
 
     ``emas[k][i]``, ``params[i]``: same shape and strides, dense, possibly empty; the K EMAs of a
-    param share one dtype, fp32 or the param's. ``ws``: 1-D fp32 tensor of K weights on the device.
+    param share one dtype, fp32 or the param's. ``ws``: as for :func:`ema_update_k_`.
     """
     _launch_update_k_multi(emas, params, ws, switch_index)

@@ -376,3 +376,35 @@ def test_multi_only_empty_tensors():
     params = [torch.zeros(0, device=DEVICE), torch.zeros(2, 0, device=DEVICE)]
     emas = [[torch.zeros_like(p) for p in params] for _ in range(2)]
     kernels.ema_update_k_multi_(emas, params, torch.ones(2, device=DEVICE), 1)
+
+
+# --- routing through sema.ops ---------------------------------------------------------------
+
+
+def test_ops_route_to_triton(generator, monkeypatch):
+    """``backend="triton"`` runs these kernels (each launcher spied on), results checked."""
+    import sema
+
+    ema_k = importlib.import_module("sema.kernels.ema_k")
+    calls = []
+    for launcher in ("_launch_update_k", "_launch_update_k_multi"):
+        real = getattr(ema_k, launcher)
+
+        def spy(*args, _real=real, _name=launcher):
+            calls.append(_name)
+            return _real(*args)
+
+        monkeypatch.setattr(ema_k, launcher, spy)
+    param = random_values(N, torch.bfloat16, generator)
+    emas = [random_values(N, torch.float32, generator) for _ in range(2)]
+
+    def through_ops(emas, param, ws, switch_index):
+        sema.ops.ema_update_k_(emas, param, ws, switch_index, backend="triton")
+
+    check_against_single_updates(emas, param, weights(2, generator), 1, update_k=through_ops)
+
+    def through_ops_multi(emas, param, ws, switch_index):
+        sema.ops.ema_update_k_multi_([[ema] for ema in emas], [param], ws, switch_index, backend="triton")
+
+    check_against_single_updates(emas, param, weights(2, generator), 0, update_k=through_ops_multi)
+    assert calls == ["_launch_update_k", "_launch_update_k_multi"]
