@@ -517,3 +517,146 @@ def test_migration_arguments_pass_through_the_callback(tmp_path):
             reference.lerp_(params[n], 1.0 - DECAY)
         torch.testing.assert_close(e, reference, **TOLERANCES[torch.float32], msg=f"EMA of {n}")
         assert not torch.allclose(e, recorder.history[-1][n], rtol=1e-3, atol=1e-3), f"{n} was never averaged"
+
+
+DECAYS = (DECAY, 0.95)  # two EMAs far apart after a few steps
+
+
+def all_emas_of(callback) -> list[dict[str, torch.Tensor]]:
+    saved = callback.ema.state_dict()["ema"]
+    assert isinstance(saved, list) and len(saved) == len(callback.ema.decays), "the state holds every EMA"
+    return [{n: e.clone() for n, e in one.items()} for one in saved]
+
+
+class TwoEmaProbe(Callback):
+    """Placed before SwitchEMACallback: its own torch.lerp_ EMA per decay after every optimizer
+    step; at each validation start (before the swap) both averaged weights, then the params the
+    validation batches see, and the params after validation."""
+
+    def __init__(self, sema_callback) -> None:
+        self.sema_callback = sema_callback
+        self.reference: list[dict[str, torch.Tensor]] = []
+        self.steps_seen = 0
+        self.expected: list[dict[str, torch.Tensor]] = []
+        self.inside: list[dict[str, torch.Tensor]] = []
+        self.before_validation: dict[str, torch.Tensor] = {}
+        self.live_after: list[tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]] = []
+
+    def on_fit_start(self, trainer, pl_module):
+        self.reference = [{n: p.detach().float().clone() for n, p in pl_module.named_parameters()} for _ in DECAYS]
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.global_step > self.steps_seen:
+            self.steps_seen = trainer.global_step
+            for reference, decay in zip(self.reference, DECAYS, strict=False):
+                for n, p in pl_module.named_parameters():
+                    reference[n].lerp_(p.detach().float(), 1.0 - decay)
+
+    def on_validation_start(self, trainer, pl_module):
+        ema = self.sema_callback.ema
+        self.expected.append([dict(ema.averaged_state_dict(index=k)) for k in range(len(DECAYS))])
+        self.before_validation = params_of(pl_module)
+
+    def on_validation_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0):
+        self.inside.append(params_of(pl_module))
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        # After this epoch's validation, before SwitchEMACallback's switch: the live weights are back.
+        self.live_after.append((self.before_validation, params_of(pl_module)))
+
+
+@requires_lightning
+def test_two_decays_train_and_validate_on_ema_1(tmp_path):
+    model = TinyRegressor()
+    callback = SwitchEMACallback(decay=DECAYS, validate_on="ema:1")
+    probe = TwoEmaProbe(callback)
+    trainer = make_trainer(tmp_path, [probe, callback], max_epochs=3)
+    train, val = loaders()
+    trainer.fit(model, train, val)
+
+    assert callback.ema.decays == DECAYS and callback.ema.step == trainer.global_step == 18
+    assert callback.ema.num_switches == 3
+    emas = all_emas_of(callback)
+    for k, reference in enumerate(probe.reference):
+        for n, e in emas[k].items():
+            torch.testing.assert_close(e, reference[n], **TOLERANCES[torch.float32], msg=f"EMA {k} of {n}")
+    # The last epoch switched EMA 0 (not EMA 1) into the model.
+    for n, p in model.named_parameters():
+        assert_bits_equal(p.detach().reshape(-1), emas[0][n].reshape(-1), f"switched {n}")
+    assert len(probe.expected) == len(probe.inside) == 3
+    for epoch, (expected, inside) in enumerate(zip(probe.expected, probe.inside, strict=False)):
+        assert all(not torch.equal(expected[0][n], expected[1][n]) for n in inside), "the test needs the EMAs apart"
+        assert_weights(inside, {n: expected[1][n] for n in inside}, f"epoch {epoch}: inside validation")
+    assert len(probe.live_after) == 3
+    for epoch, (before, after) in enumerate(probe.live_after):
+        assert_weights(after, before, f"epoch {epoch}: live weights after validation")
+
+    # trainer.validate() after fit sees EMA 1 too; the logged loss is EMA 1's.
+    ema_1 = dict(callback.ema.averaged_state_dict(index=1))
+    live = params_of(model)
+    (metrics,) = trainer.validate(model, val, verbose=False)
+    x, y = next(iter(val))
+    with torch.no_grad():
+        loss = nn.functional.mse_loss(torch.func.functional_call(model, ema_1, (x,)), y)
+    assert metrics["val_loss"] == pytest.approx(float(loss), rel=1e-6)
+    assert_weights(params_of(model), live, "after trainer.validate")
+
+
+@requires_lightning
+def test_two_decays_resume_bit_identical_with_ema_1_in_the_checkpoint(tmp_path):
+    train, val = loaders()
+    settings = dict(decay=DECAYS, warmup="linear", warmup_steps=8, validate_on="ema:1", checkpoint_weights="ema:1")
+
+    reference_model = TinyRegressor(seed=0)
+    reference = SwitchEMACallback(**settings)
+    make_trainer(tmp_path / "a", [reference], checkpoint_dir=tmp_path / "ref").fit(reference_model, train, val)
+    # The checkpoint's state_dict holds EMA 1; its callback state holds both EMAs.
+    saved = torch.load(tmp_path / "ref" / "epoch=2-step=18.ckpt", map_location="cpu", weights_only=False)
+    expected_state = dict(reference.ema.averaged_state_dict(index=1))
+    assert_apart(expected_state, dict(reference.ema.averaged_state_dict(index=0)))
+    assert_weights(saved["state_dict"], expected_state, "checkpoint state_dict")
+    assert_weights(saved["sema_live_state_dict"], dict(reference_model.state_dict()), "checkpoint live weights")
+    saved_emas = saved["callbacks"][reference.state_key]["ema"]["ema"]
+    for k, ema in enumerate(all_emas_of(reference)):
+        assert_weights(saved_emas[k], ema, f"saved EMA {k}")
+
+    killed = make_trainer(
+        tmp_path / "b", [SwitchEMACallback(**settings), CrashAt(epoch=2, batch=3)], checkpoint_dir=tmp_path / "ckpt"
+    )
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        killed.fit(TinyRegressor(seed=0), train, val)
+
+    resumed_model = TinyRegressor(seed=1)  # other initial weights: everything must come from the checkpoint
+    resumed = SwitchEMACallback(**settings)
+    trainer = make_trainer(tmp_path / "c", [resumed])
+    trainer.fit(resumed_model, train, val, ckpt_path=tmp_path / "ckpt" / "epoch=1-step=12.ckpt")
+
+    assert trainer.global_step == 18 and resumed.ema.step == 18 and resumed.ema.num_switches == 3
+    assert_weights(params_of(resumed_model), params_of(reference_model), "params")
+    for k, (got, expected) in enumerate(zip(all_emas_of(resumed), all_emas_of(reference), strict=False)):
+        assert_weights(got, expected, f"EMA {k}")
+
+
+@requires_lightning
+def test_an_ema_index_out_of_range_or_malformed_is_refused_when_the_callback_is_made():
+    for name in ("validate_on", "test_on", "predict_on", "checkpoint_weights"):
+        with pytest.raises(ValueError, match=rf"{name}='ema:2' names EMA 2, but decay=\(0.8, 0.95\) keeps 2 EMAs"):
+            SwitchEMACallback(decay=DECAYS, **{name: "ema:2"})
+        with pytest.raises(ValueError, match=rf"{name}='ema:1' names EMA 1, .* keeps 1 EMA;"):
+            SwitchEMACallback(decay=DECAY, **{name: "ema:1"})
+        with pytest.raises(ValueError, match=rf"{name}=\('ema', 1\) is not one of .*write {name}='ema:1'"):
+            SwitchEMACallback(decay=DECAYS, **{name: ("ema", 1)})
+        for bad in ("ema:", "ema:-1", "ema:x", "ema 1", "EMA"):
+            with pytest.raises(
+                ValueError, match=rf"{name}=.* is not one of 'live', 'ema' \(EMA 0\), 'ema:0' .. 'ema:1'"
+            ):
+                SwitchEMACallback(decay=DECAYS, **{name: bad})
+    with pytest.raises(ValueError, match=r"decay=\(\) holds no decay"):
+        SwitchEMACallback(decay=())
+    callback = SwitchEMACallback(decay=DECAYS, validate_on="ema:1", test_on="ema", predict_on="ema:0")
+    assert [callback._index(n) for n in ("validate_on", "test_on", "predict_on", "checkpoint_weights")] == [
+        1,
+        0,
+        0,
+        None,
+    ]

@@ -14,29 +14,31 @@ What happens when (the Lightning hooks):
 - ``on_train_epoch_end``: ``ema.epoch_end()``, the SEMA switch (``switch_every="epoch"``). It runs
   before ``ModelCheckpoint`` saves at the end of the epoch, so the checkpoint holds the switched
   model and the EMA state that goes with it.
-- validation, test and predict (``validate_on``, ``test_on``, ``predict_on`` set to ``"ema"``):
-  the model holds the EMA through ``ema.swapped()`` from ``on_<stage>_start`` to
-  ``on_<stage>_end``, restored bit for bit afterwards (also when the stage raises). ``"live"``
-  runs the stage on the live weights. ``trainer.test(model, ckpt_path=...)`` and the like take
-  the EMA from that checkpoint.
+- validation, test and predict (``validate_on``, ``test_on``, ``predict_on`` set to ``"ema"``,
+  or ``"ema:<k>"`` for EMA ``k`` with several decays): the model holds that EMA through
+  ``ema.swapped(index=k)`` from ``on_<stage>_start`` to ``on_<stage>_end``, restored bit for bit
+  afterwards (also when the stage raises). ``"live"`` runs the stage on the live weights.
+  ``trainer.test(model, ckpt_path=...)`` and the like take the EMA from that checkpoint.
 - ``state_dict`` / ``load_state_dict``: the EMA state travels in Lightning checkpoints, so a
   resumed ``fit`` continues the same trajectory.
-- ``on_save_checkpoint`` with ``checkpoint_weights="ema"``: the checkpoint's ``state_dict`` holds
-  the EMA weights (so ``Model.load_from_checkpoint(path)`` gives the averaged model) and the live
-  weights go to ``checkpoint["sema_live_state_dict"]``; ``on_load_checkpoint`` puts them back into
-  the model, so resuming (``ckpt_path=``) continues bit for bit either way.
-- ``on_train_end`` with ``switch_at_end=True``: ``ema.switch()``, so the model holds the EMA when
-  ``fit`` returns (useful with ``switch_every=None``, a plain EMA; with the default policy the
-  last epoch already switched).
+- ``on_save_checkpoint`` with ``checkpoint_weights="ema"`` (or ``"ema:<k>"``): the checkpoint's
+  ``state_dict`` holds the weights of that EMA (so ``Model.load_from_checkpoint(path)`` gives the
+  averaged model) and the live weights go to ``checkpoint["sema_live_state_dict"]``;
+  ``on_load_checkpoint`` puts them back into the model, so resuming (``ckpt_path=``) continues bit
+  for bit either way.
+- ``on_train_end`` with ``switch_at_end=True``: ``ema.switch()`` (EMA 0), so the model holds the
+  EMA when ``fit`` returns (useful with ``switch_every=None``, a plain EMA; with the default
+  policy the last epoch already switched).
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 from torch import nn
 
-from sema.integrations import VALIDATE_ON, EvaluationSwap, check_callback_args, ensure_ema, log_switch
+from sema.integrations import EvaluationSwap, check_callback_args, ensure_ema, log_switch, weights_index
 from sema.switch_ema import SwitchEMA
 
 try:
@@ -51,14 +53,9 @@ except ImportError:
 
 LIVE_STATE_KEY = "sema_live_state_dict"
 CHECKPOINT_WEIGHTS = ("live", "ema")
+WEIGHTS_CHOICES = ("validate_on", "test_on", "predict_on", "checkpoint_weights")
 
 __all__ = ["CHECKPOINT_WEIGHTS", "LIVE_STATE_KEY", "SwitchEMACallback"]
-
-
-def _check_choice(name: str, value: object, choices: tuple[str, ...]) -> str:
-    if value not in choices:
-        raise ValueError(f"SwitchEMACallback: {name}={value!r} is not one of {choices}")
-    return value
 
 
 class SwitchEMACallback(pl.Callback):
@@ -66,15 +63,18 @@ class SwitchEMACallback(pl.Callback):
     end of every training epoch, validate on the EMA, checkpoint and resume the EMA state.
 
     Args:
-        decay: the EMA decay, as for :class:`sema.SwitchEMA`.
-        validate_on: ``"ema"`` (validation sees the EMA weights, through ``swapped()``) or
-            ``"live"`` (the weights being trained).
+        decay: the EMA decay, as for :class:`sema.SwitchEMA`; a tuple ``(d0, d1, ...)`` keeps one
+            EMA per decay, all updated in one pass (EMA 0 is the one switched into the model).
+        validate_on: ``"ema"`` (validation sees EMA 0, through ``swapped()``), ``"ema:<k>"``
+            (EMA ``k`` of several decays: ``"ema:1"`` is ``d1``'s) or ``"live"`` (the weights
+            being trained). Checked against the number of decays when the callback is made.
         test_on: the same for ``trainer.test``; ``"live"`` by default, as before this option.
         predict_on: the same for ``trainer.predict``; ``"live"`` by default.
         checkpoint_weights: ``"live"`` (default): the checkpoint's ``state_dict`` holds the live
-            weights. ``"ema"``: it holds the EMA weights (cast to the param dtypes), and the live
-            weights go to ``checkpoint["sema_live_state_dict"]``, from which this callback restores
-            them when a run resumes. Checkpoints written with ``save_weights_only=True`` call no
+            weights. ``"ema"`` (EMA 0) or ``"ema:<k>"`` (EMA ``k``): it holds that EMA's weights
+            (cast to the param dtypes), and the live weights go to
+            ``checkpoint["sema_live_state_dict"]``, from which this callback restores them when a
+            run resumes. Checkpoints written with ``save_weights_only=True`` call no
             callback hook in Lightning and keep the live weights.
         switch_at_end: switch the EMA into the model when training ends.
         **ema_kwargs: every other :class:`sema.SwitchEMA` argument (``warmup``, ``switch_every``,
@@ -82,15 +82,15 @@ class SwitchEMACallback(pl.Callback):
 
     Example::
 
-        callback = SwitchEMACallback(decay=0.999, validate_on="ema")
+        callback = SwitchEMACallback(decay=(0.999, 0.9999), validate_on="ema:1")
         trainer = lightning.pytorch.Trainer(max_epochs=10, callbacks=[callback])
-        trainer.fit(model, train_loader, val_loader)
-        export = callback.ema.averaged_state_dict()
+        trainer.fit(model, train_loader, val_loader)       # switches EMA 0, validates on EMA 1
+        export = callback.ema.averaged_state_dict(index=1)
     """
 
     def __init__(
         self,
-        decay: float = 0.999,
+        decay: float | Sequence[float] = 0.999,
         *,
         validate_on: str = "ema",
         test_on: str = "live",
@@ -100,16 +100,22 @@ class SwitchEMACallback(pl.Callback):
         **ema_kwargs: Any,
     ) -> None:
         super().__init__()
-        self.test_on = _check_choice("test_on", test_on, VALIDATE_ON)
-        self.predict_on = _check_choice("predict_on", predict_on, VALIDATE_ON)
-        self.checkpoint_weights = _check_choice("checkpoint_weights", checkpoint_weights, CHECKPOINT_WEIGHTS)
         self.ema_kwargs = check_callback_args("SwitchEMACallback", validate_on, {"decay": decay, **ema_kwargs})
         self.validate_on = validate_on
+        self.test_on = test_on
+        self.predict_on = predict_on
+        self.checkpoint_weights = checkpoint_weights
+        for name in WEIGHTS_CHOICES:
+            self._index(name)
         self.switch_at_end = bool(switch_at_end)
         self.ema: SwitchEMA | None = None
         self._pending_state: dict[str, Any] | None = None
         self._last_global_step = 0
         self._swap = EvaluationSwap()
+
+    def _index(self, name: str) -> int | None:
+        """The EMA index that the choice ``name`` (``validate_on``, ...) names; None: live weights."""
+        return weights_index("SwitchEMACallback", name, getattr(self, name), self.ema_kwargs)
 
     @property
     def state_key(self) -> str:
@@ -126,7 +132,7 @@ class SwitchEMACallback(pl.Callback):
         return self.ema
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if self.checkpoint_weights != "ema":
+        if self._index("checkpoint_weights") is None:
             return
         weight_averaging = getattr(pl.callbacks, "WeightAveraging", ())
         rivals = [
@@ -134,7 +140,7 @@ class SwitchEMACallback(pl.Callback):
             for cb in trainer.callbacks
             if cb is not self
             and (
-                (isinstance(cb, SwitchEMACallback) and cb.checkpoint_weights == "ema")
+                (isinstance(cb, SwitchEMACallback) and cb._index("checkpoint_weights") is not None)
                 or isinstance(cb, weight_averaging)
             )
         ]
@@ -174,29 +180,30 @@ class SwitchEMACallback(pl.Callback):
     # --- validation, test, predict ---------------------------------------------------------
 
     def _begin_stage(self, on: str, pl_module: pl.LightningModule) -> None:
-        if on != "ema":
+        index = self._index(on)
+        if index is None:
             return
         if (self.ema is None or self.ema.model is not pl_module) and self._pending_state is None:
             return  # no EMA of this module (evaluated before any fit, no checkpoint): the live weights
         # After fit the strategy may have moved the model (rebuilt then); a checkpoint given to
         # trainer.validate/test/predict(ckpt_path=...) brings its EMA state (loaded then).
         self._build(pl_module)
-        self._swap.begin(self.ema)
+        self._swap.begin(self.ema, index)
 
     def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._begin_stage(self.validate_on, pl_module)
+        self._begin_stage("validate_on", pl_module)
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._swap.end()
 
     def on_test_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._begin_stage(self.test_on, pl_module)
+        self._begin_stage("test_on", pl_module)
 
     def on_test_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._swap.end()
 
     def on_predict_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._begin_stage(self.predict_on, pl_module)
+        self._begin_stage("predict_on", pl_module)
 
     def on_predict_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._swap.end()
@@ -221,7 +228,8 @@ class SwitchEMACallback(pl.Callback):
     def on_save_checkpoint(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
     ) -> None:
-        if self.checkpoint_weights != "ema" or self.ema is None or self.ema.model is not pl_module:
+        index = self._index("checkpoint_weights")
+        if index is None or self.ema is None or self.ema.model is not pl_module:
             return
         if LIVE_STATE_KEY in checkpoint:
             raise RuntimeError(
@@ -229,7 +237,7 @@ class SwitchEMACallback(pl.Callback):
                 "state_dict; keep checkpoint_weights='ema' on one callback only"
             )
         live = checkpoint["state_dict"]
-        averaged = self._build(pl_module).averaged_state_dict()
+        averaged = self._build(pl_module).averaged_state_dict(index=index)
         unknown = sorted(set(averaged) - set(live))
         if unknown:
             raise RuntimeError(

@@ -14,15 +14,16 @@ What happens when (the ``TrainerCallback`` events):
   micro-batches end in ``on_substep_end``).
 - ``on_epoch_end``: ``ema.epoch_end()``, the SEMA switch (``switch_every="epoch"``); the
   epoch-end checkpoint is written after it, so it holds the switched model.
-- evaluation during training (``validate_on="ema"``): when the trainer is about to evaluate
+- evaluation during training (``validate_on="ema"``, or ``"ema:<k>"`` for EMA ``k`` with several
+  decays): when the trainer is about to evaluate
   (``control.should_evaluate`` after ``on_step_end``/``on_epoch_end``), a one-shot forward
-  pre-hook on the model enters ``ema.swapped()`` at the first evaluation forward; ``on_evaluate``
+  pre-hook on the model enters ``ema.swapped(index=k)`` at the first evaluation forward; ``on_evaluate``
   restores the live weights bit for bit, before any checkpoint is written. So only the evaluation
   sees the EMA: callbacks and logging in between see the live weights. ``trainer.evaluate()``
   called by hand sees the live weights; wrap it in ``with callback.ema.swapped():`` for the EMA.
 - ``on_save``: the EMA state goes to ``<checkpoint>/sema_switch_ema.pt`` (by the processes that
   write checkpoints, ``args.should_save``).
-- ``on_train_end`` with ``switch_at_end=True``: ``ema.switch()``, so the model holds the EMA when
+- ``on_train_end`` with ``switch_at_end=True``: ``ema.switch()`` (EMA 0), so the model holds the EMA when
   ``train()`` returns and ``trainer.save_model()`` writes the averaged model (for a ``PeftModel``,
   the averaged adapter). With ``load_best_model_at_end=True`` the trainer has just loaded the best
   checkpoint's live weights: the EMA saved beside that checkpoint is loaded and switched in. The
@@ -39,12 +40,13 @@ records its global step and is refused when that is not the step the trainer res
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
-from sema.integrations import EvaluationSwap, check_callback_args, ensure_ema, log_switch
+from sema.integrations import EvaluationSwap, check_callback_args, ensure_ema, log_switch, weights_index
 from sema.switch_ema import SwitchEMA
 
 try:
@@ -81,8 +83,11 @@ class SwitchEMACallback(TrainerCallback):
     end of every epoch, evaluate on the EMA, save and resume the EMA state with checkpoints.
 
     Args:
-        decay: the EMA decay, as for :class:`sema.SwitchEMA`.
-        validate_on: ``"ema"`` (evaluation during training sees the EMA weights) or ``"live"``.
+        decay: the EMA decay, as for :class:`sema.SwitchEMA`; a tuple ``(d0, d1, ...)`` keeps one
+            EMA per decay, all updated in one pass (EMA 0 is the one switched into the model).
+        validate_on: ``"ema"`` (evaluation during training sees EMA 0), ``"ema:<k>"`` (EMA ``k``
+            of several decays: ``"ema:1"`` is ``d1``'s) or ``"live"``. Checked against the number
+            of decays when the callback is made.
         switch_at_end: switch the EMA into the model when training ends (that of the best
             checkpoint with ``load_best_model_at_end=True``), so ``trainer.save_model()`` writes
             the averaged weights. The live weights are then only in the training checkpoints.
@@ -93,16 +98,16 @@ class SwitchEMACallback(TrainerCallback):
 
     Example::
 
-        callback = SwitchEMACallback(decay=0.999)
+        callback = SwitchEMACallback(decay=(0.999, 0.9999), validate_on="ema:1")  # switches EMA 0
         trainer = transformers.Trainer(model=model, args=args, train_dataset=train, eval_dataset=val,
                                        callbacks=[callback])
         trainer.train()                       # or trainer.train(resume_from_checkpoint=True)
-        export = callback.ema.averaged_state_dict()
+        export = callback.ema.averaged_state_dict(index=1)
     """
 
     def __init__(
         self,
-        decay: float = 0.999,
+        decay: float | Sequence[float] = 0.999,
         *,
         validate_on: str = "ema",
         switch_at_end: bool = False,
@@ -209,14 +214,15 @@ class SwitchEMACallback(TrainerCallback):
     def _arm_evaluation_swap(self, model: nn.Module | None) -> None:
         # The swap waits for the first evaluation forward, so callbacks and logging between
         # this event and the evaluation see the live weights.
-        if self.validate_on != "ema" or model is None or self._armed is not None:
+        index = weights_index("SwitchEMACallback", "validate_on", self.validate_on, self.ema_kwargs)
+        if index is None or model is None or self._armed is not None:
             return
 
         @torch.compiler.disable
         def swap_before_first_evaluation_forward(module: nn.Module, inputs: Any) -> None:
             self._disarm()
             if not module.training:  # a training forward means the evaluation never came
-                self._swap.begin(self.ema)
+                self._swap.begin(self.ema, index)
 
         self._armed = model.register_forward_pre_hook(swap_before_first_evaluation_forward)
 
