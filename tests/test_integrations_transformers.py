@@ -358,3 +358,114 @@ def test_peft_lora_params_are_averaged_evaluated_and_saved(tmp_path):
     expected = peft.get_peft_model_state_dict(model, state_dict=callback.ema.averaged_state_dict())
     assert len(saved) == len(lora)
     assert_weights(saved, expected, "saved adapter")
+
+
+DECAYS = (DECAY, 0.95)  # two EMAs far apart after a few steps
+
+
+def all_emas_of(callback: SwitchEMACallback) -> list[dict[str, torch.Tensor]]:
+    saved = callback.ema.state_dict()["ema"]
+    assert isinstance(saved, list) and len(saved) == len(callback.ema.decays), "the state holds every EMA"
+    return [{n: e.clone() for n, e in one.items()} for one in saved]
+
+
+class TwoEmaProbe(transformers.TrainerCallback):
+    """After SwitchEMACallback in the list: its own torch.lerp_ EMA per decay after each optimizer
+    step; at each epoch end (after the switch, before the evaluation) both averaged weights and the
+    live params; then the params the evaluation sees and those after it."""
+
+    def __init__(self, sema_callback: SwitchEMACallback) -> None:
+        self.sema_callback = sema_callback
+        self.reference: list[dict[str, torch.Tensor]] = []
+        self.expected: list[list[dict[str, torch.Tensor]]] = []
+        self.before: list[dict[str, torch.Tensor]] = []
+        self.inside: list[dict[str, torch.Tensor]] = []
+        self.after: list[dict[str, torch.Tensor]] = []
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        self.reference = [{n: p.detach().float().clone() for n, p in model.named_parameters()} for _ in DECAYS]
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        for reference, decay in zip(self.reference, DECAYS, strict=True):
+            for n, p in model.named_parameters():
+                reference[n].lerp_(p.detach().float(), 1.0 - decay)
+
+    def on_epoch_end(self, args, state, control, model=None, **kwargs):
+        ema = self.sema_callback.ema
+        self.expected.append([dict(ema.averaged_state_dict(index=k)) for k in range(len(DECAYS))])
+        self.before.append(params_of(model))
+
+    def on_prediction_step(self, args, state, control, model=None, **kwargs):
+        if len(self.inside) < len(self.expected):
+            self.inside.append(params_of(model))
+
+    def on_evaluate(self, args, state, control, model=None, **kwargs):
+        self.after.append(params_of(model))
+
+
+def test_two_decays_train_and_evaluate_on_ema_1(tmp_path):
+    model = tiny_bert(seed=0)
+    callback = SwitchEMACallback(decay=DECAYS, validate_on="ema:1")
+    probe = TwoEmaProbe(callback)
+    trainer = make_trainer(tmp_path, model, [callback, probe])
+    trainer.train()
+
+    assert callback.ema.decays == DECAYS
+    assert callback.ema.step == trainer.state.global_step == 2 * STEPS_PER_EPOCH and callback.ema.num_switches == 2
+    emas = all_emas_of(callback)
+    for k, reference in enumerate(probe.reference):
+        for n, e in emas[k].items():
+            torch.testing.assert_close(e, reference[n], **TOLERANCE, msg=f"EMA {k} of {n}")
+    # The epoch end switched EMA 0 (not EMA 1) into the model.
+    assert_weights(params_of(model), {n: emas[0][n] for n in params_of(model)}, "model after train()")
+    assert len(probe.expected) == len(probe.inside) == len(probe.after) == 2
+    for epoch in range(2):
+        expected, inside = probe.expected[epoch], probe.inside[epoch]
+        assert all(not torch.equal(expected[0][n], expected[1][n]) for n in inside), "the test needs the EMAs apart"
+        assert_weights(inside, {n: expected[1][n] for n in inside}, f"epoch {epoch}: inside evaluation")
+        assert_weights(probe.after[epoch], probe.before[epoch], f"epoch {epoch}: after evaluation")
+    logged = [entry["eval_loss"] for entry in trainer.state.log_history if "eval_loss" in entry][-1]
+    with callback.ema.swapped(index=1):
+        ema_1_loss = eval_loss_of(trainer)
+    assert logged == pytest.approx(ema_1_loss, rel=1e-6)
+
+
+def test_two_decays_kill_and_resume_is_bit_identical(tmp_path):
+    settings = dict(decay=DECAYS, warmup="linear", warmup_steps=5, validate_on="ema:1")
+
+    reference_model = tiny_bert(seed=0)
+    reference = SwitchEMACallback(**settings)
+    make_trainer(tmp_path / "a", reference_model, [reference]).train()
+
+    killed = make_trainer(
+        tmp_path / "b",
+        tiny_bert(seed=0),
+        [SwitchEMACallback(**settings), CrashAt(STEPS_PER_EPOCH + 1)],
+        save_strategy="epoch",
+    )
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        killed.train()
+    saved = torch.load(tmp_path / "b" / f"checkpoint-{STEPS_PER_EPOCH}" / EMA_STATE_NAME, weights_only=True)
+    assert len(saved["ema"]["ema"]) == 2 and saved["ema"]["config"]["decays"] == list(DECAYS)
+
+    resumed_model = tiny_bert(seed=1)  # other initial weights: everything must come from the checkpoint
+    resumed = SwitchEMACallback(**settings)
+    trainer = make_trainer(tmp_path / "b", resumed_model, [resumed], save_strategy="epoch")
+    trainer.train(resume_from_checkpoint=True)
+
+    assert trainer.state.global_step == 2 * STEPS_PER_EPOCH == resumed.ema.step and resumed.ema.num_switches == 2
+    assert_weights(params_of(resumed_model), params_of(reference_model), "params")
+    for k, (got, expected) in enumerate(zip(all_emas_of(resumed), all_emas_of(reference), strict=True)):
+        assert_weights(got, expected, f"EMA {k}")
+
+
+def test_an_ema_index_out_of_range_or_malformed_is_refused_when_the_callback_is_made():
+    with pytest.raises(ValueError, match=r"validate_on='ema:2' names EMA 2, but decay=\(0.8, 0.95\) keeps 2 EMAs"):
+        SwitchEMACallback(decay=DECAYS, validate_on="ema:2")
+    with pytest.raises(ValueError, match=r"validate_on='ema:1' names EMA 1, .* keeps 1 EMA;"):
+        SwitchEMACallback(decay=DECAY, validate_on="ema:1")
+    with pytest.raises(ValueError, match=r"validate_on=\('ema', 1\) is not one of .*write validate_on='ema:1'"):
+        SwitchEMACallback(decay=DECAYS, validate_on=("ema", 1))
+    for bad in ("ema:", "ema:-1", "ema:x", "EMA"):
+        with pytest.raises(ValueError, match=r"is not one of 'live', 'ema' \(EMA 0\), 'ema:0' .. 'ema:1'"):
+            SwitchEMACallback(decay=DECAYS, validate_on=bad)
