@@ -15,17 +15,17 @@ What happens when (the ``TrainerCallback`` events):
 - ``on_epoch_end``: ``ema.epoch_end()``, the SEMA switch (``switch_every="epoch"``); the
   epoch-end checkpoint is written after it, so it holds the switched model.
 - evaluation during training (``validate_on="ema"``, or ``"ema:<k>"`` for EMA ``k`` with several
-  decays): when the trainer is about to evaluate
-  (``control.should_evaluate`` after ``on_step_end``/``on_epoch_end``), a one-shot forward
-  pre-hook on the model enters ``ema.swapped(index=k)`` at the first evaluation forward; ``on_evaluate``
-  restores the live weights bit for bit, before any checkpoint is written. So only the evaluation
-  sees the EMA: callbacks and logging in between see the live weights. ``trainer.evaluate()``
-  called by hand sees the live weights; wrap it in ``with callback.ema.swapped():`` for the EMA.
+  decays): when the trainer is about to evaluate (``control.should_evaluate`` after
+  ``on_step_end``/``on_epoch_end``), a one-shot forward pre-hook on the model enters
+  ``ema.swapped(index=k)`` at the first evaluation forward; ``on_evaluate`` restores the live
+  weights bit for bit, before any checkpoint is written. So only the evaluation sees the EMA:
+  callbacks and logging in between see the live weights. ``trainer.evaluate()`` called by hand
+  sees the live weights; wrap it in ``with callback.ema.swapped(index=k):`` for the EMA.
 - ``on_save``: the EMA state goes to ``<checkpoint>/sema_switch_ema.pt`` (by the processes that
   write checkpoints, ``args.should_save``).
-- ``on_train_end`` with ``switch_at_end=True``: ``ema.switch()`` (EMA 0), so the model holds the EMA when
-  ``train()`` returns and ``trainer.save_model()`` writes the averaged model (for a ``PeftModel``,
-  the averaged adapter). With ``load_best_model_at_end=True`` the trainer has just loaded the best
+- ``on_train_end`` with ``switch_at_end=True``: ``ema.switch()`` (EMA 0), so the model holds the
+  EMA when ``train()`` returns and ``trainer.save_model()`` writes the averaged model (for a
+  ``PeftModel``, the averaged adapter). With ``load_best_model_at_end=True`` the trainer has just loaded the best
   checkpoint's live weights: the EMA saved beside that checkpoint is loaded and switched in. The
   live weights at the end are not kept in memory; the checkpoints written during training hold
   them (with the EMA state beside them, so resuming from one stays bit-identical).
