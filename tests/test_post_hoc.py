@@ -6,6 +6,10 @@ from __future__ import annotations
 
 import math
 import os
+import signal
+import subprocess
+import sys
+import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -16,9 +20,11 @@ from torch import nn
 import sema
 from sema.post_hoc import PostHocEMA
 
-# fp32 EMA after a few hundred fp32 updates vs the float64 recursion: a few ulps of the values.
-EMA_RTOL = 2e-6
-SYNTH_RTOL = 1e-4  # the issue's bound for the synthesized weights
+# fp32 EMA after a few hundred fp32 updates vs the float64 recursion: a few ulps of the values
+# (about 2e-7 measured). Synthesis: the issue asks for 1e-4; fp32 snapshots combined in an fp32
+# accumulator come within about 1e-7 of the float64 combination, so 1e-5 is held here.
+EMA_RTOL = 1e-6
+SYNTH_RTOL = 1e-5
 STEPS, EVERY = 280, 40
 SIGMA_RELS = (0.05, 0.10)
 BACKENDS = ["torch"] + (["cpp"] if sema.available_backends()["cpp"][0] else [])
@@ -227,6 +233,58 @@ def test_crash_mid_write_leaves_no_snapshot_and_resume_ignores_it(tmp_path: Path
         for n, _, e in phema2.storage.named_emas(k):
             assert torch.equal(content["ema"][n], e)
     assert phema2.synthesize(0.05).keys() == model2.state_dict().keys()
+
+
+KILLED_RUN = """
+import sys, torch, sema.post_hoc
+from torch import nn
+torch.manual_seed(0)
+model = nn.Linear(64, 64)
+phema = sema.post_hoc.PostHocEMA(model, (0.05, 0.1), snapshot_every=3, snapshot_dir=sys.argv[1], backend="torch")
+real_save = torch.save
+
+def save_then_die(obj, f):
+    if obj["step"] == 6 and obj["index"] == 1:
+        real_save(obj, f)
+        f.flush()
+        f.truncate(f.tell() // 2)
+        f.flush()
+        import os, signal
+        os.kill(os.getpid(), signal.SIGKILL)
+    real_save(obj, f)
+
+sema.post_hoc.torch.save = save_then_die
+for step in range(9):
+    with torch.no_grad():
+        model.weight.add_(0.01)
+    phema.update()
+    if step == 4:
+        torch.save(phema.state_dict(), sys.argv[2])
+"""
+
+
+def test_sigkill_mid_write_leaves_only_complete_snapshots(tmp_path: Path) -> None:
+    state = tmp_path / "state.pt"
+    run = subprocess.Popen([sys.executable, "-c", textwrap.dedent(KILLED_RUN), str(tmp_path / "snaps"), str(state)])
+    assert run.wait(timeout=300) == -signal.SIGKILL
+    names = sorted(p.name for p in (tmp_path / "snaps").iterdir())
+    assert [n for n in names if n.startswith("phema-")] == [
+        "phema-0000000003-ema0-sigma0.05.pt",
+        "phema-0000000003-ema1-sigma0.1.pt",
+        "phema-0000000006-ema0-sigma0.05.pt",
+    ]
+    assert [n for n in names if not n.startswith("phema-")] == [f".phema-0000000006-ema1-sigma0.1.pt.tmp-{run.pid}"]
+    with pytest.raises((RuntimeError, OSError)):  # the kill came mid-write: the temp file is half a zip
+        torch.load(tmp_path / "snaps" / names[0], weights_only=True)
+    for name in names[1:]:
+        torch.load(tmp_path / "snaps" / name, weights_only=True)  # complete files
+    model = nn.Linear(64, 64)
+    phema = PostHocEMA(model, (0.05, 0.1), snapshot_every=3, snapshot_dir=tmp_path / "snaps", backend="torch")
+    phema.load_state_dict(torch.load(state, weights_only=True))
+    assert phema.step == 5 and [s["step"] for s in phema.snapshots] == [3, 3]
+    phema.update()
+    assert [s["step"] for s in phema.snapshots] == [3, 3, 6, 6]
+    assert phema.synthesize(0.07, max_error=None).keys() == model.state_dict().keys()
 
 
 def test_kill_and_resume_is_bit_identical(tmp_path: Path) -> None:
