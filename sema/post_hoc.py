@@ -196,7 +196,8 @@ class PostHocEMA:
         self.snapshot_dtype = snapshot_dtype
         self._slots = ModelSlots(model, named)
         self.storage = EMAStorage(named, torch.float32, True, resolved, num_emas=len(sigma_rels))
-        self._steps = {device: torch.zeros((), dtype=torch.int64, device=device) for device in resolved}
+        # The update count on each device, in float64 (exact to 2**53): the weights need it as a float.
+        self._steps = {device: torch.zeros((), dtype=torch.float64, device=device) for device in resolved}
         self._exponents = {
             device: torch.tensor([g + 1 for g in self.gammas], dtype=torch.float64, device=device)
             for device in resolved
@@ -216,8 +217,8 @@ class PostHocEMA:
     def _weights(self, step: Tensor, dtype: torch.dtype) -> Tensor:
         """``1 - (1 - 1/t) ** (gamma + 1)`` per EMA for update ``t = step + 1``, on the device,
         computed in float64 (a (K,) tensor; 0-d for one EMA)."""
-        t = (step + 1).to(torch.float64)
-        w = (1 - torch.pow(1 - 1 / t, self._exponents[step.device])).to(dtype)
+        beta = torch.pow(step / (step + 1), self._exponents[step.device])  # (1 - 1/t) ** (gamma + 1)
+        w = (1 - beta).to(dtype)
         return w if len(self.sigma_rels) > 1 else w[0]
 
     def update(self) -> None:
@@ -327,6 +328,15 @@ class PostHocEMA:
                     if not isinstance(t, Tensor) or t.shape != e.shape or t.dtype != e.dtype:
                         problems.append(f"EMA {k} param {n}: expected {e.dtype} {tuple(e.shape)}")
         snapshots = state.get("snapshots", [])
+        if not isinstance(snapshots, list) or not all(
+            isinstance(s, dict)
+            and isinstance(s.get("step"), int)
+            and s.get("index") in range(len(self.sigma_rels))
+            and isinstance(s.get("file"), str)
+            for s in snapshots
+        ):
+            problems.append("snapshots: a list of {'step', 'index', 'sigma_rel', 'file'} dicts expected")
+            snapshots = []
         missing = [s.get("file") for s in snapshots if not (self.snapshot_dir / str(s.get("file"))).is_file()]
         if missing:
             problems.append(f"snapshots not in {str(self.snapshot_dir)!r}: {', '.join(map(str, missing[:8]))}")

@@ -413,3 +413,20 @@ def test_one_sigma_rel_and_bf16_snapshots(tmp_path: Path) -> None:
     got = phema.synthesize(0.1)
     for n, _, e in phema.storage.named_emas(0):
         assert_close(n, got[n].double().numpy(), e.to(torch.bfloat16).double().numpy(), 1e-6)
+
+
+def test_fp64_params_get_an_fp64_average(tmp_path: Path) -> None:
+    model = make_model(3).double()
+    phema = PostHocEMA(model, SIGMA_RELS, snapshot_every=25, snapshot_dir=tmp_path, snapshot_dtype=torch.float64)
+    history = []
+    for _ in range(50):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn_like(p), alpha=0.1)
+        phema.update()
+        history.append({n: p.detach().numpy().copy() for n, p in model.named_parameters()})
+    for k, sigma_rel in enumerate(SIGMA_RELS):
+        want = reference_ema(history, gamma_by_bisection(sigma_rel))
+        for n, _, e in phema.storage.named_emas(k):
+            assert e.dtype == torch.float64
+            assert_close(f"EMA {k} {n}", e.numpy(), want[n], 1e-13)
