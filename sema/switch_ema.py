@@ -65,13 +65,18 @@ class SwitchEMA:
 
     Args:
         model: the module whose trainable params (``requires_grad``) are averaged.
-        decay: EMA decay in [0, 1): ``ema <- decay * ema + (1 - decay) * param``.
+        decay: EMA decay in [0, 1): ``ema <- decay * ema + (1 - decay) * param``; a tuple of K
+            decays keeps K EMAs, updated in one pass that reads the params once (``index=``
+            picks one in :meth:`switch`, :meth:`swapped`, :meth:`averaged_state_dict` and
+            :meth:`as_module`; :meth:`epoch_end` and an int ``switch_every`` switch EMA 0).
         warmup: ``None``, ``"linear"``, ``"exp"``, ``"constant"`` (the SEMA authors' warmups:
-            start at ``warmup_ratio * decay`` for ``warmup_steps`` steps) or ``"power"``
-            (``1 - (1 + t / inv_gamma) ** -power``, capped at ``decay``, as in timm and diffusers).
-            See :class:`sema.DecaySchedule`.
+            start at ``warmup_ratio * decay`` for ``warmup_steps`` steps), ``"power"``
+            (``1 - (1 + t / inv_gamma) ** -power``, capped at ``decay``, as in timm, diffusers and
+            ema-pytorch) or ``"inverse"`` (``min(decay, (1 + n) / (10 + n))``, torch_ema's and
+            diffusers' default). See :class:`sema.DecaySchedule`.
         update_every: update the EMA on every K-th call of :meth:`update`, with decay
-            ``decay ** K`` so the averaging horizon in steps stays the same.
+            ``decay ** K`` so the averaging horizon in steps stays the same (see
+            ``compensate_update_every``).
         switch_every: ``"epoch"`` (switch in :meth:`epoch_end`), an int K (switch after every
             K-th :meth:`update` call, fused into that update), or ``None`` (a plain EMA).
         switch_start: switching starts after this many epochs (or steps for an int policy).
@@ -88,10 +93,19 @@ class SwitchEMA:
         backend: ``"auto"`` (``SEMA_BACKEND``, else the fastest available for the device) or a
             name from :func:`sema.available_backends`; an unavailable one raises.
         warmup_steps, warmup_ratio: for the ``linear``/``exp``/``constant`` warmups.
-        inv_gamma, power, min_decay: for the ``power`` warmup.
+        inv_gamma, power: for the ``power`` warmup; min_decay: the floor of the ``power`` and
+            ``inverse`` warmups (the others refuse it).
         skip_nonfinite: skip an update (and count it in ``num_skipped``) when any param is NaN or
             Inf, so a bad step does not spread into the EMA. Off by default: it reads every param
             once more and synchronises with the host once per update.
+        update_after_step: the first N calls of :meth:`update` copy the params into the EMA;
+            the warmup counts from the first averaging update (on the device).
+        compensate_update_every: ``False`` fires ``update_every=K`` on calls 1, K+1, 2K+1, ...
+            with the plain decay, as ema-pytorch, NeMo, mmengine and Lightning do.
+        include, exclude: ``fnmatch`` patterns on param names picking the params to average.
+        copy_only: patterns of tracked params whose EMA is a copy refreshed at every update.
+
+        Which arguments reproduce other EMA libraries: docs/migration.md.
     """
 
     def __init__(
