@@ -10,6 +10,7 @@ from __future__ import annotations
 from sema import ops
 from sema.backends import BackendUnavailableError, available_backends
 from sema.buckets import BucketMovedError, FlatBucket, ParamAliasError, live_state_dict
+from sema.post_hoc import PostHocEMA
 from sema.schedules import DecaySchedule
 from sema.switch_ema import SwappedWriteError, SwitchEMA, SwitchHorizonWarning, UntrackedParamWarning
 
@@ -21,6 +22,7 @@ __all__ = [
     "DecaySchedule",
     "FlatBucket",
     "ParamAliasError",
+    "PostHocEMA",
     "SwappedWriteError",
     "SwitchEMA",
     "SwitchHorizonWarning",
