@@ -32,7 +32,7 @@ from torch import Tensor, nn
 from sema import ops
 from sema.buckets import BucketMovedError, plan_buckets
 from sema.selection import ParamSelection
-from sema.storage import EMAStorage, ModelSlots, registrations
+from sema.storage import ACTIVE_SWAPS, EMAStorage, ModelSlots, registrations
 
 STATE_FORMAT = "sema.PostHocEMA"
 SNAPSHOT_FORMAT = "sema.PostHocEMA.snapshot"
@@ -237,6 +237,11 @@ class PostHocEMA:
             self.snapshot()
 
     def _check_placement(self) -> None:
+        if ACTIVE_SWAPS and not self.storage.param_storages().isdisjoint(ACTIVE_SWAPS):
+            raise RuntimeError(
+                "PostHocEMA.update() while a SwitchEMA of these params is inside swapped(): the params hold that "
+                "EMA there; call it after that with-block"
+            )
         self._hot_checks += 1
         if (
             self._hot_checks % FULL_PLACEMENT_CHECK_EVERY

@@ -430,3 +430,22 @@ def test_fp64_params_get_an_fp64_average(tmp_path: Path) -> None:
         for n, _, e in phema.storage.named_emas(k):
             assert e.dtype == torch.float64
             assert_close(f"EMA {k} {n}", e.numpy(), want[n], 1e-13)
+
+
+def test_beside_a_switch_ema_of_the_same_model(tmp_path: Path) -> None:
+    model = make_model(4)
+    ema = sema.SwitchEMA(model, decay=0.9, switch_every=None, backend="torch")
+    phema = PostHocEMA(model, SIGMA_RELS, snapshot_every=5, snapshot_dir=tmp_path, backend="torch")
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    history = []
+    for step in range(10):
+        train_step(model, opt, step, 4)
+        ema.update()
+        phema.update()
+        history.append({n: p.detach().double().numpy().copy() for n, p in model.named_parameters()})
+    with ema.swapped(), pytest.raises(RuntimeError, match="inside swapped"):
+        phema.update()
+    assert phema.step == 10
+    want = reference_ema(history, gamma_by_bisection(SIGMA_RELS[1]))
+    for n, _, e in phema.storage.named_emas(1):
+        assert_close(n, e.double().numpy(), want[n], EMA_RTOL)
