@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import math
 import os
-import re
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -45,8 +44,6 @@ FULL_PLACEMENT_CHECK_EVERY = 64
 # A synthesized profile whose relative L2 distance from the requested one exceeds this is refused:
 # the snapshots cannot express that sigma_rel (too short or too long an average for them).
 DEFAULT_MAX_PROFILE_ERROR = 0.05
-
-_SNAPSHOT_NAME = re.compile(r"phema-(\d{10})-ema(\d+)-sigma([0-9.e+-]+)\.pt")
 
 
 def sigma_rel_of(gamma: float) -> float:
@@ -212,8 +209,6 @@ class PostHocEMA:
         """Number of updates so far."""
         return self._updates
 
-    # --- the hot path ------------------------------------------------------------------------
-
     def _weights(self, step: Tensor, dtype: torch.dtype) -> Tensor:
         """``1 - (1 - 1/t) ** (gamma + 1)`` per EMA for update ``t = step + 1``, on the device,
         computed in float64 (a (K,) tensor; 0-d for one EMA)."""
@@ -260,8 +255,6 @@ class PostHocEMA:
         self.storage.remember_placement()
         self._registrations_seen = registered
 
-    # --- snapshots ---------------------------------------------------------------------------
-
     def snapshot_name(self, step: int, index: int) -> str:
         return f"phema-{step:010d}-ema{index}-sigma{self.sigma_rels[index]:.6g}.pt"
 
@@ -286,8 +279,6 @@ class PostHocEMA:
             }
             _save_atomically(content, self.snapshot_dir / name)
             self.snapshots.append({"step": step, "index": k, "sigma_rel": sigma_rel, "file": name})
-
-    # --- state -------------------------------------------------------------------------------
 
     def state_dict(self) -> dict[str, object]:
         """Step, sigma_rels, the K EMAs by param name (one storage per tensor) and the list of
@@ -355,8 +346,6 @@ class PostHocEMA:
                 counter.fill_(step)
         self._updates = step
         self.snapshots = [dict(s) for s in snapshots]
-
-    # --- synthesis ---------------------------------------------------------------------------
 
     def synthesize(
         self, sigma_rel: float, step: int | None = None, max_error: float | None = DEFAULT_MAX_PROFILE_ERROR
