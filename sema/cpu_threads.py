@@ -26,7 +26,11 @@ from contextlib import contextmanager
 import torch
 
 SMALL_WORK_BYTES = 1 << 20
-LATE_RATIO = 1.25
+# Late means parallel costs more than twice one quiet thread: under contention one thread slows
+# too, and big memory-bound work still gains from a second thread that starts late
+# (bench/results/contention-cpu-2threads-20261201-*.json: 1.25 backed ResNet-50's single cpp region
+# off to one thread at 2.03x its quiet time, where staying parallel costs 1.7x).
+LATE_RATIO = 2.0
 LATE_SECONDS = 1e-3  # above the timer and page-fault noise of a 1 MiB op, below one scheduler slice
 FIRST_BACKOFF_SECONDS = 0.05
 MAX_BACKOFF_SECONDS = 1.0
