@@ -29,9 +29,9 @@ import torch
 from torch import Tensor, nn
 
 from sema import ops
-from sema.buckets import BucketMovedError, plan_buckets
+from sema.buckets import plan_buckets
 from sema.selection import ParamSelection
-from sema.storage import ACTIVE_SWAPS, EMAStorage, ModelSlots, registrations
+from sema.storage import EMAStorage, ModelSlots, PlacementGuard
 
 STATE_FORMAT = "sema.PostHocEMA"
 SNAPSHOT_FORMAT = "sema.PostHocEMA.snapshot"
@@ -39,7 +39,6 @@ STATE_VERSION = 1
 
 # update() runs the O(params) placement check on one call in this many (and whenever a bucket
 # lost a storage reference or a module registered a param), as SwitchEMA does.
-FULL_PLACEMENT_CHECK_EVERY = 64
 
 # A synthesized profile whose relative L2 distance from the requested one exceeds this is refused:
 # the snapshots cannot express that sigma_rel (too short or too long an average for them).
@@ -201,8 +200,7 @@ class PostHocEMA:
         }
         self._updates = 0  # the host's count of update() calls: when to snapshot, with no sync
         self.snapshots: list[dict[str, object]] = []
-        self._hot_checks = 0
-        self._registrations_seen = registrations()
+        self._placement = PlacementGuard("PostHocEMA", self.storage, self._slots)
 
     @property
     def step(self) -> int:
@@ -232,28 +230,7 @@ class PostHocEMA:
             self.snapshot()
 
     def _check_placement(self) -> None:
-        if ACTIVE_SWAPS and not self.storage.param_storages().isdisjoint(ACTIVE_SWAPS):
-            raise RuntimeError(
-                "PostHocEMA.update() while a SwitchEMA of these params is inside swapped(): the params hold that "
-                "EMA there; call it after that with-block"
-            )
-        self._hot_checks += 1
-        if (
-            self._hot_checks % FULL_PLACEMENT_CHECK_EVERY
-            and registrations() == self._registrations_seen
-            and not self.storage.maybe_moved()
-        ):
-            return
-        registered = registrations()
-        moved = self.storage.moved() + self._slots.replaced()
-        if moved:
-            raise BucketMovedError(
-                f"PostHocEMA.update(): {len(moved)} param(s) no longer live where PostHocEMA put them: "
-                f"{', '.join(moved[:8])}. Move or convert the model before building PostHocEMA, and load weights "
-                "with load_state_dict(assign=False)."
-            )
-        self.storage.remember_placement()
-        self._registrations_seen = registered
+        self._placement.check("update", hot=True)
 
     def snapshot_name(self, step: int, index: int) -> str:
         return f"phema-{step:010d}-ema{index}-sigma{self.sigma_rels[index]:.6g}.pt"

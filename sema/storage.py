@@ -22,7 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from sema import ops
-from sema.buckets import FlatBucket, _empty, build_buckets, plan_buckets
+from sema.buckets import BucketMovedError, FlatBucket, _empty, build_buckets, plan_buckets
 
 try:
     from torch.distributed.tensor import DTensor
@@ -164,6 +164,54 @@ class ModelSlots:
         if all(map(operator.is_, map(dict.get, self._dicts, self._keys), self._params)):
             return []
         return [f"{n} (replaced by a new Parameter)" for d, k, p, n in self._slots if d.get(k) is not p]
+
+
+# update() checks every param's placement on one call in this many, and on every call where a
+# bucket's storage lost a reference or a module registered a parameter (see
+# EMAStorage.maybe_moved): O(buckets) per call instead of O(params).
+FULL_PLACEMENT_CHECK_EVERY = 64
+
+
+class PlacementGuard:
+    """Whether every tracked param still lives where ``storage`` put it, for the EMA class named
+    ``owner``: on a hot call (``update()``) from the O(buckets) signals, with the full O(params)
+    check on one call in ``FULL_PLACEMENT_CHECK_EVERY`` and whenever a signal changes; on every
+    other call, the full check. Also refuses while another EMA of these params is inside
+    ``swapped()``."""
+
+    def __init__(self, owner: str, storage: EMAStorage, slots: ModelSlots) -> None:
+        self.owner = owner
+        self.storage = storage
+        self.slots = slots
+        self._hot_checks = 0
+        self._registrations_seen = registrations()
+
+    def check(self, where: str, hot: bool = False) -> None:
+        if ACTIVE_SWAPS and not self.storage.param_storages().isdisjoint(ACTIVE_SWAPS):
+            raise RuntimeError(
+                f"{self.owner}.{where}() while another SwitchEMA of these params is inside swapped(): the params "
+                "hold that EMA there; call it after that with-block"
+            )
+        if hot:
+            self._hot_checks += 1
+            if (
+                self._hot_checks % FULL_PLACEMENT_CHECK_EVERY
+                and registrations() == self._registrations_seen
+                and not self.storage.maybe_moved()
+            ):
+                return
+        registered = registrations()
+        moved = self.storage.moved() + self.slots.replaced()
+        if moved:
+            shown = ", ".join(moved[:8]) + (f" and {len(moved) - 8} more" if len(moved) > 8 else "")
+            raise BucketMovedError(
+                f"{self.owner}.{where}(): {len(moved)} param(s) no longer live where {self.owner} put them: {shown}. "
+                "Something replaced param.data (model.to()/.half(), load_state_dict(assign=True), "
+                f"param.data = ...). Move or convert the model before building {self.owner}, and load weights "
+                "with load_state_dict(assign=False)."
+            )
+        self.storage.remember_placement()
+        self._registrations_seen = registered
 
 
 class EMAStorage:

@@ -18,7 +18,7 @@ from torch import Tensor, nn
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from sema import ops
-from sema.buckets import BucketMovedError, FlatBucket, check_aliasing, plan_buckets
+from sema.buckets import FlatBucket, check_aliasing, plan_buckets
 from sema.module_view import build_module_view
 from sema.policy import SwitchPolicy
 from sema.schedules import DecaySchedule, copy_updates_of
@@ -27,11 +27,11 @@ from sema.storage import (
     ACTIVE_SWAPS,
     EMAStorage,
     ModelSlots,
+    PlacementGuard,
     TensorGroup,
     as_param_layout,
     is_dtensor,
     local_tensor,
-    registrations,
 )
 from sema.tracked_buffers import BUFFER_POLICIES, TrackedBuffers
 
@@ -40,11 +40,6 @@ STATE_VERSION = 1
 
 # The counters of a state dict, and whether a state must hold them (older states may lack the others).
 COUNTERS = {"step": True, "calls": True, "epochs": True, "num_switches": False, "num_skipped": False}
-
-# update() checks every param's placement on one call in this many, and on every call where a
-# bucket's storage lost a reference or a module registered a parameter (see
-# EMAStorage.maybe_moved): O(buckets) per call instead of O(params).
-FULL_PLACEMENT_CHECK_EVERY = 64
 
 
 def _run_eagerly(reason: str) -> Callable[[Callable[..., None]], Callable[..., None]]:
@@ -279,8 +274,7 @@ class SwitchEMA:
         self._updates_seen = 0
         self._traced_updates = False  # whether _updates_seen may miss some (compiled, captured)
         self._horizon = HorizonCheck()
-        self._hot_checks = 0
-        self._registrations_seen = registrations()
+        self._placement = PlacementGuard("SwitchEMA", self.storage, self._slots)
 
     def __deepcopy__(self, memo: dict) -> SwitchEMA:
         raise TypeError(
@@ -564,31 +558,7 @@ class SwitchEMA:
                 f"SwitchEMA.{where}() called inside swapped(): the model holds the EMA there; "
                 "call it after the with-block"
             )
-        if ACTIVE_SWAPS and not self.storage.param_storages().isdisjoint(ACTIVE_SWAPS):
-            raise RuntimeError(
-                f"SwitchEMA.{where}() while another SwitchEMA of these params is inside swapped(): the params hold "
-                "that EMA there; call it after that with-block"
-            )
-        if hot:
-            self._hot_checks += 1
-            if (
-                self._hot_checks % FULL_PLACEMENT_CHECK_EVERY
-                and registrations() == self._registrations_seen
-                and not self.storage.maybe_moved()
-            ):
-                return
-        registered = registrations()
-        moved = self.storage.moved() + self._slots.replaced()
-        if moved:
-            shown = ", ".join(moved[:8]) + (f" and {len(moved) - 8} more" if len(moved) > 8 else "")
-            raise BucketMovedError(
-                f"SwitchEMA.{where}(): {len(moved)} param(s) no longer live where SwitchEMA put them: {shown}. "
-                "Something replaced param.data (model.to()/.half(), load_state_dict(assign=True), "
-                "param.data = ...). Move or convert the model before building SwitchEMA, and load weights "
-                "with load_state_dict(assign=False)."
-            )
-        self.storage.remember_placement()
-        self._registrations_seen = registered
+        self._placement.check(where, hot)
 
     # --- state -------------------------------------------------------------------------------
 

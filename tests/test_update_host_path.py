@@ -21,7 +21,7 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import sema
-from sema.switch_ema import FULL_PLACEMENT_CHECK_EVERY
+from sema.storage import FULL_PLACEMENT_CHECK_EVERY
 
 
 def make_model(seed: int = 0) -> nn.Module:
