@@ -18,11 +18,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import datetime
 import json
-import platform
 import statistics
-import subprocess
 import sys
 import time
 from collections.abc import Iterator
@@ -34,6 +31,7 @@ from torch import nn
 import sema
 from sema import backends
 from sema.param_sets import PARAM_SETS
+from sema.profile import provenance
 
 ENTRY_POINTS = ("ema_update_", "switch_", "swap_", "ema_update_multi_")
 CASES = (  # (name, SwitchEMA options, updates made before timing)
@@ -104,15 +102,6 @@ def measure(set_name: str, backend: str, flatten: bool, repeats: int, rounds: in
     return rows
 
 
-def git_commit() -> str | None:
-    try:
-        root = Path(sema.__file__).resolve().parents[1]
-        out = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True, check=True)
-        return out.stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return None
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sets", default="resnet50,many_small")
@@ -139,13 +128,7 @@ def main(argv: list[str] | None = None) -> int:
                     rows += measure(set_name, backend, flatten, args.repeats, args.rounds)
         result = {
             "label": args.label,
-            "device": platform.processor() or platform.machine(),
-            "python": sys.version.split()[0],
-            "torch": torch.__version__,
-            "sema": getattr(sema, "__version__", None),
-            "git_commit": git_commit(),
-            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "threads": torch.get_num_threads(),
+            **provenance(torch.device("cpu")),  # machine, versions, date, git commit (sema.profile)
             "rows": rows,
         }
     if args.json:

@@ -12,11 +12,8 @@ Targets: K=2 at >= 1.15x and K=4 at >= 1.25x on the cpp backend.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
-import platform
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -26,6 +23,7 @@ from torch import nn
 
 import sema
 from sema.param_sets import PARAM_SETS
+from sema.profile import provenance
 
 TARGETS = {2: 1.15, 4: 1.25}
 DECAYS = (0.999, 0.9999, 0.99, 0.9995)
@@ -90,16 +88,6 @@ def measure(set_name: str, dtype: torch.dtype, k: int, backend: str, repeats: in
     return row
 
 
-def git_commit() -> str | None:
-    try:
-        root = Path(__file__).resolve().parents[1]
-        return subprocess.run(
-            ["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True
-        ).stdout.strip()
-    except OSError:
-        return None
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sets", default="resnet50,gpt2_124m")
@@ -123,12 +111,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         result = {
             "what": __doc__.split("\n\n")[0],
-            "device": platform.processor() or platform.machine(),
-            "threads": torch.get_num_threads(),
-            "torch": torch.__version__,
-            "sema": sema.__version__,
-            "git_commit": git_commit(),
-            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            **provenance(torch.device("cpu")),  # machine, versions, date, git commit (sema.profile)
             "rows": rows,
         }
         args.json.write_text(json.dumps(result, indent=1) + "\n")

@@ -19,11 +19,8 @@ accumulator) plus the output cast where params are not fp32.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
-import platform
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
@@ -37,6 +34,7 @@ from torch import nn
 import sema
 from sema.param_sets import PARAM_SETS, numel
 from sema.post_hoc import PostHocEMA
+from sema.profile import provenance
 
 SIGMA_RELS = (0.05, 0.10)
 
@@ -172,15 +170,6 @@ def time_synthesize(args: argparse.Namespace, snapshot_dir: Path) -> dict:
     return row
 
 
-def git_commit() -> str | None:
-    try:
-        root = Path(sema.__file__).resolve().parents[1]
-        out = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True, check=True)
-        return out.stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return None
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--set", default="gpt2_124m", choices=sorted(PARAM_SETS))
@@ -200,15 +189,9 @@ def main(argv: list[str] | None = None) -> int:
     result = {
         "what": __doc__.split("\n\n")[0],
         "set": args.set,
-        "device": torch.cuda.get_device_name() if args.device.startswith("cuda") else platform.processor(),
+        **provenance(torch.device(args.device)),  # machine, versions, date, git commit (sema.profile)
         "param_dtype": str(args.dtype),
         "backend": args.backend,
-        "python": sys.version.split()[0],
-        "torch": torch.__version__,
-        "sema": getattr(sema, "__version__", None),
-        "git_commit": git_commit(),
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "threads": torch.get_num_threads(),
         "update": updates,
         "synthesize": synthesis,
     }
