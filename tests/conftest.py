@@ -165,3 +165,16 @@ def random_bits(n: int, dtype: torch.dtype, generator: torch.Generator) -> torch
 @pytest.fixture
 def generator() -> torch.Generator:
     return torch.Generator().manual_seed(1234)
+
+
+def param_snapshot(model: torch.nn.Module) -> dict[str, tuple[int, torch.Tensor]]:
+    """Each param's address and a copy of its values, tied names included."""
+    return {n: (p.data_ptr(), p.detach().clone()) for n, p in model.named_parameters(remove_duplicate=False)}
+
+
+def assert_params_untouched(model: torch.nn.Module, before: dict[str, tuple[int, torch.Tensor]]) -> None:
+    """Every param lives where it did and holds the same bits (a refused call moved nothing)."""
+    for name, p in model.named_parameters(remove_duplicate=False):
+        ptr, value = before[name]
+        assert p.data_ptr() == ptr, f"{name} was re-pointed and not restored"
+        assert_bits_equal(p.detach().flatten(), value.flatten(), name)

@@ -11,7 +11,7 @@ import sys
 import pytest
 import torch
 from conftest import assert_bits_equal as assert_flat_bits_equal
-from conftest import cpu_backends
+from conftest import assert_params_untouched, cpu_backends, param_snapshot
 from torch import nn
 
 import sema
@@ -51,17 +51,6 @@ def train_step(model: nn.Module, opt: torch.optim.Optimizer, g: torch.Generator)
 
 def momentum_sgd(model: nn.Module) -> torch.optim.Optimizer:
     return torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
-
-
-def snapshot(model: nn.Module) -> dict[str, tuple[int, torch.Tensor]]:
-    return {n: (p.data_ptr(), p.detach().clone()) for n, p in model.named_parameters(remove_duplicate=False)}
-
-
-def assert_untouched(model: nn.Module, before: dict[str, tuple[int, torch.Tensor]]) -> None:
-    for name, p in model.named_parameters(remove_duplicate=False):
-        ptr, value = before[name]
-        assert p.data_ptr() == ptr, f"{name} was re-pointed and not restored"
-        assert_bits_equal(p.detach(), value, name)
 
 
 # --- item 3: old-style tying ---------------------------------------------------------------
@@ -104,10 +93,10 @@ def test_old_style_tied_params_stay_tied_and_train_as_without_buckets(backend):
 def test_a_param_over_part_of_another_is_refused_before_anything_moves():
     model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2))
     model[1].weight = nn.Parameter(model[0].weight[:2])
-    before = snapshot(model)
+    before = param_snapshot(model)
     with pytest.raises(ParamAliasError, match=r"'0\.weight'.*'1\.weight'.*nn\.Parameter\(t\.clone\(\)\)"):
         sema.SwitchEMA(model, backend="torch")
-    assert_untouched(model, before)
+    assert_params_untouched(model, before)
 
 
 def test_a_trainable_param_over_a_frozen_one_is_refused():
@@ -264,7 +253,7 @@ def _plans(model: nn.Module) -> list:
 @pytest.mark.parametrize("failing_call", [2, 3, 4], ids=["first_ema", "second_params", "second_ema"])
 def test_a_failed_allocation_leaves_every_param_where_it_was(failing_call, monkeypatch):
     model = _two_dtype_model()
-    before = snapshot(model)
+    before = param_snapshot(model)
     allocate, calls = buckets._empty, []
 
     def failing(*args, **kwargs):
@@ -276,7 +265,7 @@ def test_a_failed_allocation_leaves_every_param_where_it_was(failing_call, monke
     monkeypatch.setattr(buckets, "_empty", failing)
     with pytest.raises(torch.OutOfMemoryError, match="injected"):
         build_buckets(_plans(model))
-    assert_untouched(model, before)
+    assert_params_untouched(model, before)
     monkeypatch.setattr(buckets, "_empty", allocate)
     built = build_buckets(_plans(model))  # the model is still fine to bucket
     assert [b.dtype for b in built] == [torch.float32, torch.bfloat16]
@@ -286,7 +275,7 @@ def test_a_failed_allocation_leaves_every_param_where_it_was(failing_call, monke
 
 def test_a_failed_ema_allocation_moves_no_param(monkeypatch):
     model = nn.Sequential(nn.Linear(6, 5), nn.Linear(5, 4))
-    before = snapshot(model)
+    before = param_snapshot(model)
     allocate = buckets._empty
 
     def no_room_for_the_ema(numel, dtype, device, *args):
@@ -297,12 +286,12 @@ def test_a_failed_ema_allocation_moves_no_param(monkeypatch):
     monkeypatch.setattr(buckets, "_empty", no_room_for_the_ema)
     with pytest.raises(torch.OutOfMemoryError, match="injected"):
         build_bucket(torch.device("cpu"), torch.float32, list(model.named_parameters()), torch.float64)
-    assert_untouched(model, before)
+    assert_params_untouched(model, before)
 
 
 def test_a_failure_while_re_pointing_restores_the_params_already_moved(monkeypatch):
     model = nn.Sequential(nn.Linear(6, 5), nn.Linear(5, 4))
-    before = snapshot(model)
+    before = param_snapshot(model)
     victim = model[1].weight
     original_setter = nn.Parameter.data.__set__
 
@@ -315,4 +304,4 @@ def test_a_failure_while_re_pointing_restores_the_params_already_moved(monkeypat
     with pytest.raises(RuntimeError, match="injected re-point"):
         build_bucket(torch.device("cpu"), torch.float32, list(model.named_parameters()), torch.float32)
     monkeypatch.undo()
-    assert_untouched(model, before)
+    assert_params_untouched(model, before)

@@ -6,40 +6,29 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import assert_bits_equal
+from conftest import assert_bits_equal, assert_params_untouched, param_snapshot
 from torch import nn
 
 import sema
 from sema.buckets import ParamAliasError
 
 
-def snapshot(model: nn.Module) -> dict[str, tuple[int, torch.Tensor]]:
-    return {n: (p.data_ptr(), p.detach().clone()) for n, p in model.named_parameters(remove_duplicate=False)}
-
-
-def assert_untouched(model: nn.Module, before: dict[str, tuple[int, torch.Tensor]]) -> None:
-    for name, p in model.named_parameters(remove_duplicate=False):
-        ptr, value = before[name]
-        assert p.data_ptr() == ptr, f"{name} was re-pointed"
-        assert_bits_equal(p.detach().flatten(), value.flatten(), name)
-
-
 def test_a_trainable_param_over_a_frozen_one_is_refused_before_anything_moves():
     model = nn.Sequential(nn.Linear(4, 4).to(torch.bfloat16), nn.Linear(4, 4), nn.Linear(4, 4))
     model[2].weight = nn.Parameter(model[1].weight, requires_grad=False)
-    before = snapshot(model)
+    before = param_snapshot(model)
     with pytest.raises(ParamAliasError, match=r"'1\.weight' shares memory with '2\.weight'.*does not track"):
         sema.SwitchEMA(model, backend="torch")
-    assert_untouched(model, before)
+    assert_params_untouched(model, before)
 
 
 def test_a_param_over_part_of_another_of_another_dtype_is_refused_before_anything_moves():
     model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4))
     model[1].weight = nn.Parameter(model[0].weight.detach().view(torch.bfloat16)[:, :4])
-    before = snapshot(model)
+    before = param_snapshot(model)
     with pytest.raises(ParamAliasError, match=r"'0\.weight'.*'1\.weight'"):
         sema.SwitchEMA(model, backend="torch")
-    assert_untouched(model, before)
+    assert_params_untouched(model, before)
 
 
 def test_flatten_false_refuses_a_non_dense_param_at_construction():
@@ -78,7 +67,7 @@ def test_flatten_false_share_memory_after_building_is_not_a_move():
 
 def test_a_failure_after_the_buckets_are_built_restores_every_param(monkeypatch):
     model = nn.Sequential(nn.Linear(5, 7), nn.Linear(7, 3).to(torch.bfloat16))
-    before = snapshot(model)
+    before = param_snapshot(model)
 
     def fail(*args, **kwargs):
         raise MemoryError("injected: no memory for the extra EMAs")
@@ -86,4 +75,4 @@ def test_a_failure_after_the_buckets_are_built_restores_every_param(monkeypatch)
     monkeypatch.setattr(sema.storage.EMAStorage, "_add_bucket", fail)
     with pytest.raises(MemoryError, match="injected"):
         sema.SwitchEMA(model, decay=(0.9, 0.5), backend="torch")
-    assert_untouched(model, before)
+    assert_params_untouched(model, before)
