@@ -20,6 +20,20 @@ same work, ``ema <- decay * ema + (1 - decay) * param`` over every parameter.
     NeMo-style             reimplemented here: NeMo's EMA keeps copies of the params (their dtype)
                            and updates them with ``_foreach_mul_`` + ``_foreach_add_``.
 
+timm's own class is imported where ``import timm`` works, and otherwise loaded from the file
+``utils/model_ema.py`` of the timm that ``make install`` puts in ``.venv/peers`` (``import timm``
+needs torchvision, as tests/test_migration.py explains); the reimplementation runs only where
+neither exists.
+
+The drop-ins of ``sema.compat`` (issue #16) run beside the peer each one replaces, built by the
+same code as that peer's row with only the import changed, so they get the peer's own arguments
+and its per-step call (``ModelEmaV3.update(model)``, ``ExponentialMovingAverage.update()``,
+``EMAModel.step(model.parameters())``, ``EMA.update()``), each on a copy of the model of its own
+(a drop-in re-points its model's params into sema's buckets, as a user's model would be).
+``peer_speedup`` gives, per configuration of the replaced peer that ran with the same EMA dtype,
+peer ms / drop-in ms (> 1: the drop-in is faster). A drop-in that cannot be imported yet is a
+skipped row with the reason.
+
 bf16 models: sema keeps an fp32 EMA by default. Each peer runs in its own fp32-EMA
 configuration where it has one (``config`` says which). Peers without one (the timm
 reimplementation, NeMo-style) keep the EMA in the params' dtype (``fp32_ema`` is false) and are
@@ -33,6 +47,7 @@ no call finds its data in the cache. GB/s use the update's bytes, 2E + P per ele
     python bench/peers.py                      # ResNet-50, ViT-B/16, GPT-2, many small; fp32 + bf16
     python bench/peers.py --quick              # tiny set, few repeats (CI)
     python bench/peers.py --sets gpt2_124m --json bench/results/peers-....json --plot peers.png
+    python bench/peers.py --peers dropins      # only the drop-ins and the peers they replace
 """
 
 from __future__ import annotations
@@ -40,7 +55,9 @@ from __future__ import annotations
 import argparse
 import copy
 import csv
+import functools
 import gc
+import importlib
 import importlib.metadata
 import importlib.util
 import inspect
@@ -63,6 +80,7 @@ DEFAULT_SETS = ("resnet50", "vit_b16", "gpt2_124m", "many_small")
 QUICK_SETS = ("tiny",)
 DEFAULT_REPEATS = {"cpu": 11, "cuda": 50}
 QUICK_REPEATS = 5
+DROPINS = "dropins"  # the --peers name for every drop-in and the peers they replace
 
 
 @dataclass
@@ -85,8 +103,12 @@ class Peer:
     reimplementation: bool
     build: Callable[[nn.Module, float, bool], PeerSetup]  # (model, decay, want an fp32 EMA)
     stands_in_for: str | None = None  # a reimplementation that runs only where this package is missing
+    drop_in: str | None = None  # "module:Class" of a sema.compat drop-in (package is None then)
+    replaces: tuple[str, ...] = ()  # a drop-in: the rows of the peer it replaces, one per configuration
 
     def availability(self) -> tuple[bool, str]:
+        if self.drop_in is not None:
+            return _drop_in_availability(self.drop_in)
         if self.stands_in_for is not None and _installed(self.stands_in_for):
             return False, f"{self.stands_in_for} is installed: its own class runs instead"
         if self.package is None:
@@ -94,24 +116,77 @@ class Peer:
         if not _installed(self.package):
             torch_pin = torch.__version__.split("+")[0]  # keep pip from replacing this torch
             return False, f"{self.package} is not installed (pip install {self.package} torch=={torch_pin})"
-        return True, f"{self.package} {importlib.metadata.version(self.package)}"
+        return True, f"{self.package} {_version(self.package)}"
+
+
+# Where `make install` puts timm (without its dependencies: `import timm` needs torchvision).
+TIMM_PEERS_DIR = Path(sys.prefix) / "peers"
+
+
+def _timm_model_ema_file() -> Path | None:
+    path = TIMM_PEERS_DIR / "timm" / "utils" / "model_ema.py"
+    return path if path.is_file() else None
 
 
 def _installed(package: str) -> bool:
     module = {"ema-pytorch": "ema_pytorch", "torch-ema": "torch_ema"}.get(package, package)
     try:
-        return importlib.util.find_spec(module) is not None
+        found = importlib.util.find_spec(module) is not None
     except (ImportError, ValueError):
-        return False
+        found = False
+    return found or (package == "timm" and _timm_model_ema_file() is not None)
+
+
+def _version(package: str) -> str:
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        for dist in importlib.metadata.distributions(path=[str(TIMM_PEERS_DIR)]):
+            if dist.metadata["Name"] == package:
+                return f"{dist.version} (utils/model_ema.py loaded from {TIMM_PEERS_DIR})"
+        return "(version unknown)"
+
+
+@functools.cache
+def _timm_model_ema_module() -> Any:
+    path = _timm_model_ema_file()
+    if path is None:
+        raise ImportError(f"timm is not importable and {TIMM_PEERS_DIR} has no timm/utils/model_ema.py")
+    spec = importlib.util.spec_from_file_location("_bench_peers_timm_model_ema", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _timm_class() -> type:
+    """timm's ``ModelEmaV3``: from ``timm.utils`` where timm imports, else from its file."""
+    try:
+        from timm.utils import ModelEmaV3
+    except ImportError:
+        return _timm_model_ema_module().ModelEmaV3
+    return ModelEmaV3
+
+
+def _drop_in_class(target: str) -> type:
+    module, name = target.split(":")
+    return getattr(importlib.import_module(module), name)
+
+
+def _drop_in_availability(target: str) -> tuple[bool, str]:
+    # Anything the import raises (the module is being written) makes a skipped row, never a crash.
+    try:
+        _drop_in_class(target)
+    except Exception as exc:
+        return False, f"{target.replace(':', '.')} is not installed in this sema ({type(exc).__name__}: {exc})"
+    return True, f"sema {sema.__version__}"
 
 
 def _low_precision(model: nn.Module) -> bool:
     return any(p.dtype != torch.float32 for p in model.parameters())
 
 
-def _timm_model_ema_v3(model: nn.Module, decay: float, fp32: bool) -> PeerSetup:
-    from timm.utils import ModelEmaV3
-
+def _timm_model_ema_v3(model: nn.Module, decay: float, fp32: bool, load: Callable[[], type] = _timm_class) -> PeerSetup:
+    ModelEmaV3 = load()
     accepted = inspect.signature(ModelEmaV3).parameters
     options: dict[str, Any] = {"decay": decay, "use_warmup": False, "foreach": True}
     config = "ModelEmaV3(model, decay=decay, use_warmup=False, foreach=True"
@@ -181,9 +256,17 @@ def _averaged_model(model: nn.Module, decay: float, fp32: bool) -> PeerSetup:
     )
 
 
-def _ema_pytorch(use_foreach: bool) -> Callable[[nn.Module, float, bool], PeerSetup]:
+def _ema_pytorch_class() -> type:
+    from ema_pytorch import EMA
+
+    return EMA
+
+
+def _ema_pytorch(
+    use_foreach: bool, load: Callable[[], type] = _ema_pytorch_class
+) -> Callable[[nn.Module, float, bool], PeerSetup]:
     def build(model: nn.Module, decay: float, fp32: bool) -> PeerSetup:
-        from ema_pytorch import EMA
+        EMA = load()
 
         # min_value=decay switches the warm-up off; update_every=1 and update_after_step=0 make
         # every call an EMA step.
@@ -208,9 +291,14 @@ def _ema_pytorch(use_foreach: bool) -> Callable[[nn.Module, float, bool], PeerSe
     return build
 
 
-def _torch_ema(model: nn.Module, decay: float, fp32: bool) -> PeerSetup:
+def _torch_ema_class() -> type:
     from torch_ema import ExponentialMovingAverage
 
+    return ExponentialMovingAverage
+
+
+def _torch_ema(model: nn.Module, decay: float, fp32: bool, load: Callable[[], type] = _torch_ema_class) -> PeerSetup:
+    ExponentialMovingAverage = load()
     ema = ExponentialMovingAverage(model.parameters(), decay=decay, use_num_updates=False)
     config = "ExponentialMovingAverage(model.parameters(), decay, use_num_updates=False)"
     if fp32 and _low_precision(model):
@@ -225,9 +313,17 @@ def _torch_ema(model: nn.Module, decay: float, fp32: bool) -> PeerSetup:
     )
 
 
-def _diffusers(foreach: bool) -> Callable[[nn.Module, float, bool], PeerSetup]:
+def _diffusers_class() -> type:
+    from diffusers.training_utils import EMAModel
+
+    return EMAModel
+
+
+def _diffusers(
+    foreach: bool, load: Callable[[], type] = _diffusers_class
+) -> Callable[[nn.Module, float, bool], PeerSetup]:
     def build(model: nn.Module, decay: float, fp32: bool) -> PeerSetup:
-        from diffusers.training_utils import EMAModel
+        EMAModel = load()
 
         ema = EMAModel(model.parameters(), decay=decay, min_decay=decay, foreach=foreach)
         config = f"EMAModel(model.parameters(), decay, min_decay=decay, foreach={foreach})"
@@ -302,8 +398,90 @@ PEERS: dict[str, Peer] = {
         Peer("diffusers_foreach", "diffusers EMAModel foreach", "diffusers", False, _diffusers(True)),
         Peer("loop", "per-tensor lerp_ loop", None, False, _loop),
         Peer("nemo_style", "NeMo-style foreach mul+add (reimpl.)", None, True, _nemo_style),
+        # The drop-ins: the peer's build code with the import changed, on the peer's default options.
+        Peer(
+            "compat_timm_v3",
+            "sema.compat.timm ModelEmaV3",
+            None,
+            False,
+            functools.partial(_timm_model_ema_v3, load=lambda: _drop_in_class("sema.compat.timm:ModelEmaV3")),
+            drop_in="sema.compat.timm:ModelEmaV3",
+            replaces=("timm_v3", "timm_v3_reimpl"),
+        ),
+        Peer(
+            "compat_ema_pytorch",
+            "sema.compat.ema_pytorch EMA",
+            None,
+            False,
+            _ema_pytorch(False, load=lambda: _drop_in_class("sema.compat.ema_pytorch:EMA")),
+            drop_in="sema.compat.ema_pytorch:EMA",
+            replaces=("ema_pytorch", "ema_pytorch_foreach"),
+        ),
+        Peer(
+            "compat_torch_ema",
+            "sema.compat.torch_ema ExponentialMovingAverage",
+            None,
+            False,
+            functools.partial(
+                _torch_ema, load=lambda: _drop_in_class("sema.compat.torch_ema:ExponentialMovingAverage")
+            ),
+            drop_in="sema.compat.torch_ema:ExponentialMovingAverage",
+            replaces=("torch_ema",),
+        ),
+        Peer(
+            "compat_diffusers",
+            "sema.compat.diffusers EMAModel",
+            None,
+            False,
+            _diffusers(False, load=lambda: _drop_in_class("sema.compat.diffusers:EMAModel")),
+            drop_in="sema.compat.diffusers:EMAModel",
+            replaces=("diffusers", "diffusers_foreach"),
+        ),
     )
 }
+
+
+def select_peers(names: Sequence[str]) -> list[str]:
+    """The peer rows to run for ``--peers``: ``dropins`` means every drop-in, and a drop-in brings
+    the peers it replaces (its speed-up needs them). Raises ValueError naming unknown names."""
+    unknown = [name for name in names if name not in PEERS and name != DROPINS]
+    if unknown:
+        raise ValueError(f"unknown peer(s) {unknown}; choose from {DROPINS}, {', '.join(PEERS)}")
+    picked: list[str] = []
+    for name in names:
+        group = [n for n, p in PEERS.items() if p.drop_in] if name == DROPINS else [name]
+        for member in group:
+            picked += [member, *PEERS[member].replaces]
+    return [name for name in PEERS if name in picked]  # PEERS order: peers before their drop-ins
+
+
+def add_drop_in_speedups(rows: list[dict[str, Any]]) -> None:
+    """Gives each drop-in row ``peer_speedup``: for each row of the peer it replaces on the same
+    set and param dtype, peer median / drop-in median (> 1: the drop-in is faster). A peer row
+    that was skipped, or whose EMA dtype differs (other bytes moved), is named in
+    ``peer_speedup_notes`` instead."""
+    by_key = {(r["param_set"], r["param_dtype"], r["peer"]): r for r in rows}
+    for row in rows:
+        peer = PEERS.get(row["peer"])
+        if peer is None or not peer.replaces:
+            continue
+        row["replaces"] = list(peer.replaces)
+        if "skipped" in row:
+            continue
+        speedups, notes = {}, {}
+        for name in peer.replaces:
+            other = by_key.get((row["param_set"], row["param_dtype"], name))
+            if other is None or ("skipped" in other and PEERS[name].stands_in_for):
+                continue  # not run, or a reimplementation that stood aside for the real peer
+            if "skipped" in other:
+                notes[name] = f"not measured: {other['skipped']}"
+            elif other["ema_dtype"] != row["ema_dtype"]:
+                notes[name] = f"not compared: its EMA is {other['ema_dtype']}, the drop-in's {row['ema_dtype']}"
+            else:
+                speedups[name] = other["median_ms"] / row["median_ms"]
+        row["peer_speedup"] = speedups
+        if notes:
+            row["peer_speedup_notes"] = notes
 
 
 def sema_setup(
@@ -329,12 +507,12 @@ def sema_setup(
 # --- the benchmark -----------------------------------------------------------------------------
 
 
-def memory_needed(n: int, param_dtype: torch.dtype, n_peers: int) -> int:
-    """Peak bytes: four models (peers', sema auto's, sema torch's, sema same-dtype's), two fp32
-    sema EMAs and one in the params' dtype, one EMA per peer (fp32 at most), the fp32 temporaries
-    some peers make, and slack."""
+def memory_needed(n: int, param_dtype: torch.dtype, n_peers: int, n_drop_ins: int = 0) -> int:
+    """Peak bytes: four models (peers', sema auto's, sema torch's, sema same-dtype's) and one per
+    drop-in, two fp32 sema EMAs and one in the params' dtype, one EMA per peer or drop-in (fp32 at
+    most; ``n_peers`` counts both), the fp32 temporaries some peers make, and slack."""
     p = param_dtype.itemsize
-    return n * (5 * p + 2 * 4 + n_peers * 4 + 2 * 4) + (256 << 20)
+    return n * ((5 + n_drop_ins) * p + 2 * 4 + n_peers * 4 + 2 * 4) + (256 << 20)
 
 
 def run_set(
@@ -353,7 +531,8 @@ def run_set(
     param_dtype = profile.DTYPES[dtype_name]
     base = {"param_set": set_name, "tensors": len(shapes), "elements": n, "param_dtype": dtype_name}
     runnable = [name for name in peer_names if PEERS[name].availability()[0]]
-    need, have = memory_needed(n, param_dtype, len(runnable)), profile.available_memory(device)
+    n_drop_ins = sum(PEERS[name].drop_in is not None for name in runnable)
+    need, have = memory_needed(n, param_dtype, len(runnable), n_drop_ins), profile.available_memory(device)
     if need > profile.MEMORY_FRACTION * have:
         reason = (
             f"needs about {need / 1e9:.1f} GB on {device}, {have / 1e9:.1f} GB available "
@@ -364,6 +543,7 @@ def run_set(
     torch.manual_seed(0)
     model = profile.module_of(shapes, param_dtype, device)
     setups: dict[str, PeerSetup] = {}
+    drop_in_models: list[nn.Module] = []
     rows: list[dict[str, Any]] = []
     for backend in ("auto", "torch"):
         setups[f"sema_{backend}"] = sema_setup(copy.deepcopy(model), decay, backend)
@@ -375,20 +555,29 @@ def run_set(
         if not ok:
             rows.append({**base, "peer": name, "label": peer.label, "skipped": why})
             continue
+        own_model = copy.deepcopy(model) if peer.drop_in else model
         try:  # a peer whose installed version does not take these arguments is reported, not fatal
-            setup = peer.build(model, decay, True)
+            setup = peer.build(own_model, decay, True)
             setup.update()
         except Exception as exc:
             rows.append({**base, "peer": name, "label": peer.label, "skipped": f"failed: {type(exc).__name__}: {exc}"})
             continue
         setups[name] = setup
+        if peer.drop_in:  # kept alive: torch_ema-style classes hold only weak references to the params
+            drop_in_models.append(own_model)
 
     flush = torch.ones(2 * profile.cache_bytes(device), dtype=torch.uint8, device=device)
     candidates = {
         name: profile.Candidate(lambda i, s=setup: s.update(), lambda i, f=flush: f.fill_(i & 0xFF))
         for name, setup in setups.items()
     }
-    timings = profile.measure(candidates, device, repeats, warmup, progress)
+    errors: dict[str, str] = {}
+    timings = profile.measure(candidates, device, repeats, warmup, progress, errors)
+    for name, error in errors.items():
+        if name not in PEERS:
+            raise RuntimeError(f"{name} failed while timed: {error}")
+        rows.append({**base, "peer": name, "label": PEERS[name].label, "skipped": f"failed while timed: {error}"})
+        del setups[name]
     labels = {
         "sema_auto": "sema SwitchEMA.update (auto backend)",
         "sema_torch": "sema SwitchEMA.update (torch backend)",
@@ -414,9 +603,11 @@ def run_set(
                 "compared_with": same,
                 "sema_auto_speedup": t.median_s / timings[same].median_s,
                 "sema_torch_speedup": t.median_s / timings["sema_torch"].median_s,
+                **({"drop_in": peer.drop_in.replace(":", ".")} if peer and peer.drop_in else {}),
             }
         )
-    del setups, candidates, model, flush
+    add_drop_in_speedups(rows)
+    del setups, candidates, model, drop_in_models, flush
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -455,8 +646,17 @@ def run(
             "backend='auto' and the row's EMA dtype, named by compared_with; sema_torch_speedup: against "
             "backend='torch', fp32 EMA); > 1 means sema is faster",
             "bytes": "GB/s from the update's bytes, 2E + P per element at each peer's own EMA dtype",
+            "peer_speedup": "drop-in rows: peer median time / drop-in median time, per row of the peer it "
+            "replaces (same set, param dtype and EMA dtype); > 1 means the drop-in is faster",
         },
-        "peers": {name: {"label": p.label, "availability": p.availability()[1]} for name, p in PEERS.items()},
+        "peers": {
+            name: {
+                "label": p.label,
+                "availability": p.availability()[1],
+                **({"drop_in": p.drop_in.replace(":", "."), "replaces": list(p.replaces)} if p.drop_in else {}),
+            }
+            for name, p in PEERS.items()
+        },
         "rows": rows,
     }
 
@@ -478,6 +678,37 @@ def format_table(result: dict[str, Any]) -> str:
         "* no fp32-EMA option for low-precision params: the EMA stays in the params' dtype; its 'sema auto' is "
         "against sema with ema_dtype=None (the same bytes)"
     )
+    drop_ins = [r for r in result["rows"] if r.get("replaces")]
+    if drop_ins:
+        lines += ["", format_drop_in_table(drop_ins)]
+    return "\n".join(lines)
+
+
+def format_drop_in_table(rows: list[dict[str, Any]]) -> str:
+    """One line per (drop-in, row of the peer it replaces): both times and peer ms / drop-in ms."""
+    head = (
+        f"{'set':11} {'param':5} {'drop-in':46} {'vs peer':36} {'ema':5} "
+        f"{'drop-in ms':>10} {'peer ms':>9} {'speed-up':>9}"
+    )
+    lines = ["drop-ins vs the peer they replace (peer ms / drop-in ms; > 1: the drop-in is faster)", head]
+    lines.append("-" * len(head))
+    measured = {(r["param_set"], r["param_dtype"], r["peer"]): r for r in rows}
+    for r in rows:
+        where = f"{r['param_set'][:11]:11} {r['param_dtype']:5} {r['label'][:46]:46}"
+        if "skipped" in r:
+            lines.append(f"{where} skipped: {r['skipped']}")
+            continue
+        del measured[(r["param_set"], r["param_dtype"], r["peer"])]
+        for name, speedup in r["peer_speedup"].items():
+            peer_ms = r["median_ms"] * speedup
+            lines.append(
+                f"{where} {PEERS[name].label[:36]:36} {r['ema_dtype']:5} {r['median_ms']:10.3f} {peer_ms:9.3f} "
+                f"{speedup:8.2f}x"
+            )
+        for name, note in r.get("peer_speedup_notes", {}).items():
+            lines.append(f"{where} {PEERS[name].label[:36]:36} {note}")
+        if not r["peer_speedup"] and not r.get("peer_speedup_notes"):
+            lines.append(f"{where} (none of {', '.join(r['replaces'])} was run)")
     return "\n".join(lines)
 
 
@@ -495,27 +726,27 @@ def write_csv(result: dict[str, Any], path: Path) -> None:
 def write_plot(result: dict[str, Any], path: Path) -> None:
     """sema's speed-up over each peer (log scale), one panel per param dtype, bars per set."""
     plt = profile.pyplot()
-    from matplotlib.ticker import FixedLocator, NullLocator, ScalarFormatter
-
     rows = [r for r in result["rows"] if "skipped" not in r and not r["peer"].startswith("sema_")]
     if not rows:
         raise ValueError("nothing to plot: no peer was measured")
     dtypes = list(dict.fromkeys(r["param_dtype"] for r in rows))
     sets = list(dict.fromkeys(r["param_set"] for r in rows))
     peers = list(dict.fromkeys(r["peer"] for r in rows))
-    fig, axes = plt.subplots(1, len(dtypes), figsize=(6.5 * len(dtypes), 5.0), squeeze=False, sharey=True)
+    drop_in_rows = [r for r in rows if r.get("peer_speedup")]
+    n_rows = 2 if drop_in_rows else 1
+    fig, axes = plt.subplots(
+        n_rows, len(dtypes), figsize=(6.5 * len(dtypes), 5.0 * n_rows), squeeze=False, sharey="row"
+    )
     width = 0.8 / len(sets)
+    if drop_in_rows:
+        _plot_drop_ins(axes[1], drop_in_rows, dtypes, sets, width)
     for ax, dtype_name in zip(axes[0], dtypes, strict=True):
         mine = [r for r in rows if r["param_dtype"] == dtype_name]
         for s, set_name in enumerate(sets):
             picked = {r["peer"]: r for r in mine if r["param_set"] == set_name}
             xs = [i + (s - (len(sets) - 1) / 2) * width for i, p in enumerate(peers) if p in picked]
             ax.bar(xs, [picked[p]["sema_auto_speedup"] for p in peers if p in picked], width, label=set_name)
-        ax.axhline(1.0, color="black", linewidth=0.8)
-        ax.set_yscale("log")
-        ax.yaxis.set_major_locator(FixedLocator([0.5, 1, 2, 5, 10, 20, 50, 100]))
-        ax.yaxis.set_major_formatter(ScalarFormatter())
-        ax.yaxis.set_minor_locator(NullLocator())
+        _log_speedup_axis(ax)
         names = {r["peer"]: r["label"] + ("" if r["fp32_ema"] else f"\n({r['ema_dtype']} EMA)") for r in mine}
         ax.set_xticks(range(len(peers)))
         ax.set_xticklabels([names.get(p, p) for p in peers], rotation=35, ha="right", fontsize=7)
@@ -528,21 +759,59 @@ def write_plot(result: dict[str, Any], path: Path) -> None:
         f"torch {prov['torch']}, {prov['date'][:10]}" + (f"\n{prov['note']}" if prov.get("note") else ""),
         fontsize=9,
     )
-    fig.tight_layout(rect=(0, 0, 1, 0.93))
+    fig.tight_layout(rect=(0, 0, 1, 0.93 if n_rows == 1 else 0.96))
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
+def _log_speedup_axis(ax: Any) -> None:
+    from matplotlib.ticker import FixedLocator, NullLocator, ScalarFormatter
+
+    ax.axhline(1.0, color="black", linewidth=0.8)
+    ax.set_yscale("log")
+    ax.yaxis.set_major_locator(FixedLocator([0.5, 1, 2, 5, 10, 20, 50, 100]))
+    ax.yaxis.set_major_formatter(ScalarFormatter())
+    ax.yaxis.set_minor_locator(NullLocator())
+
+
+def _plot_drop_ins(
+    axes: Sequence[Any], rows: list[dict[str, Any]], dtypes: list[str], sets: list[str], width: float
+) -> None:
+    """Each drop-in's speed-up over each configuration of the peer it replaces, bars per set."""
+    pairs = list(dict.fromkeys((r["peer"], name) for r in rows for name in r["peer_speedup"]))
+    for ax, dtype_name in zip(axes, dtypes, strict=True):
+        mine = [r for r in rows if r["param_dtype"] == dtype_name]
+        for s, set_name in enumerate(sets):
+            picked = {r["peer"]: r["peer_speedup"] for r in mine if r["param_set"] == set_name}
+            shown = [(i, picked[d][p]) for i, (d, p) in enumerate(pairs) if p in picked.get(d, {})]
+            if shown:
+                xs = [i + (s - (len(sets) - 1) / 2) * width for i, _ in shown]
+                ax.bar(xs, [v for _, v in shown], width, label=set_name)
+        _log_speedup_axis(ax)
+        ax.set_xticks(range(len(pairs)))
+        ax.set_xticklabels(
+            [f"{PEERS[d].label}\nvs {PEERS[p].label}" for d, p in pairs], rotation=35, ha="right", fontsize=7
+        )
+        ax.set_title(f"{dtype_name} params: drop-in vs the peer it replaces (same options)", fontsize=9)
+        ax.set_ylabel("drop-in speed-up over the peer (x)", fontsize=8)
+        ax.legend(fontsize=7)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__.splitlines()[0],
-        epilog="peers: " + ", ".join(PEERS),
+        epilog=f"peers: {', '.join(PEERS)}\n{DROPINS}: every drop-in and the peers it replaces",
         formatter_class=argparse.RawTextHelpFormatter,
     )
     parser.add_argument("--sets", default=None, help=f"comma separated, or 'all' (default: {','.join(DEFAULT_SETS)})")
     parser.add_argument("--dtypes", default="fp32,bf16", help="param dtypes, comma separated (default: fp32,bf16)")
-    parser.add_argument("--peers", default=None, help="comma separated peer names (default: all)")
+    parser.add_argument(
+        "--peers",
+        default=None,
+        help=f"comma separated peer names (default: all); '{DROPINS}': the drop-ins and their peers. "
+        "A drop-in brings the peers it replaces",
+    )
     parser.add_argument("--device", default=None, help="cpu or cuda[:N] (default: cuda when present)")
     parser.add_argument(
         "--repeats", type=int, default=None, help="timed calls per candidate (default: 11 CPU, 50 CUDA)"
@@ -570,9 +839,12 @@ def main(argv: list[str] | None = None) -> int:
     dtypes = [d.strip() for d in args.dtypes.split(",") if d.strip()]
     if not dtypes or any(d not in profile.DTYPES for d in dtypes):
         parser.error(f"--dtypes: choose from {', '.join(profile.DTYPES)}")
-    peer_names = [p.strip() for p in args.peers.split(",")] if args.peers else list(PEERS)
-    if any(p not in PEERS for p in peer_names):
-        parser.error(f"--peers: choose from {', '.join(PEERS)}")
+    try:
+        peer_names = (
+            select_peers([p.strip() for p in args.peers.split(",") if p.strip()]) if args.peers else list(PEERS)
+        )
+    except ValueError as exc:
+        parser.error(f"--peers: {exc}")
     if args.plot is not None:
         try:
             profile.pyplot()
