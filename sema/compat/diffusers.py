@@ -222,8 +222,9 @@ class EMAModel:
         if self._fused(params):
             self._ema.storage.update_({d: self._weight(d, w) for d in self._devices}, switch=False)
         else:
+            backends = self._ema.storage.backends
             for device, (views, given) in self._by_device(params).items():
-                ops.ema_update_multi_(views, given, self._weight(device, w))
+                ops.ema_update_multi_(views, given, self._weight(device, w), backend=backends[device])
         if not all(map(_requires_grad, params)):
             frozen = [(e, p) for e, p in zip(self._views, params, strict=True) if not p.requires_grad]
             torch._foreach_copy_([e for e, _ in frozen], [p for _, p in frozen])
