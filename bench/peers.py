@@ -124,8 +124,14 @@ TIMM_PEERS_DIR = Path(sys.prefix) / "peers"
 
 
 def _timm_model_ema_file() -> Path | None:
-    path = TIMM_PEERS_DIR / "timm" / "utils" / "model_ema.py"
-    return path if path.is_file() else None
+    candidates = [TIMM_PEERS_DIR / "timm" / "utils" / "model_ema.py"]
+    try:
+        spec = importlib.util.find_spec("timm")
+    except (ImportError, ValueError):
+        spec = None
+    if spec is not None and spec.origin is not None:  # found, but its import may still fail
+        candidates.append(Path(spec.origin).parent / "utils" / "model_ema.py")
+    return next((path for path in candidates if path.is_file()), None)
 
 
 def _installed(package: str) -> bool:
@@ -162,7 +168,7 @@ def _timm_class() -> type:
     """timm's ``ModelEmaV3``: from ``timm.utils`` where timm imports, else from its file."""
     try:
         from timm.utils import ModelEmaV3
-    except ImportError:
+    except Exception:  # ImportError, or the RuntimeError of a torchvision built for another torch
         return _timm_model_ema_module().ModelEmaV3
     return ModelEmaV3
 

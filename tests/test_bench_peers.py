@@ -112,7 +112,8 @@ class _TimmFailingOnThirdUpdate:
 def test_quick_run_drop_ins_beside_their_peers(tmp_path, capsys, monkeypatch):
     """One run of ``--peers dropins``: a working drop-in (torch_ema's own class under the drop-in's
     name) gets its speed-up, an unimportable one, one whose module lacks the class and one that
-    fails while timed are skipped rows with the reason, and the run completes."""
+    fails while timed are skipped rows with the reason, as is a peer that is not installed, and
+    the run completes."""
     torch_ema = pytest.importorskip("torch_ema", reason="torch-ema is not installed (the working stand-in)")
     working = types.ModuleType("sema.compat.torch_ema")
     working.ExponentialMovingAverage = torch_ema.ExponentialMovingAverage
@@ -122,6 +123,7 @@ def test_quick_run_drop_ins_beside_their_peers(tmp_path, capsys, monkeypatch):
     monkeypatch.setitem(sys.modules, "sema.compat.timm", failing)
     monkeypatch.setitem(sys.modules, "sema.compat.diffusers", None)  # import raises ImportError
     monkeypatch.setitem(sys.modules, "sema.compat.ema_pytorch", types.ModuleType("sema.compat.ema_pytorch"))
+    monkeypatch.setitem(sys.modules, "diffusers", None)  # its peer rows skip: no slow import here
 
     out = tmp_path / "peers.json"
     argv = ["--quick", "--peers", "dropins", "--dtypes", "fp32", "--repeats", "2", "--warmup", "0"]
@@ -131,6 +133,7 @@ def test_quick_run_drop_ins_beside_their_peers(tmp_path, capsys, monkeypatch):
     rows = {r["peer"]: r for r in result["rows"]}
     assert set(rows) == {"sema_auto", "sema_torch", *peers.select_peers(["dropins"])}
 
+    assert "diffusers is not installed" in rows["diffusers"]["skipped"]
     assert "no attribute 'EMA'" in rows["compat_ema_pytorch"]["skipped"]
     assert "sema.compat.diffusers.EMAModel is not installed" in rows["compat_diffusers"]["skipped"]
     assert "failed while timed: RuntimeError: broken on purpose" in rows["compat_timm_v3"]["skipped"]
