@@ -27,7 +27,10 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import io
 import os
+import pickle
+import warnings
 from collections.abc import Iterator
 from typing import Any
 
@@ -279,3 +282,275 @@ def test_bf16_ema_within_rounding_of_the_exact_average(kind: str, foreach: bool)
         if label != "control":
             assert worst[label] <= 1.0, f"{label}: the bf16 EMA is {worst[label]:.3g}x its bound off the fp64 replay"
     assert worst["control"] > 1.0, "the negative control (update_after_step one off) passed the bf16 bound"
+
+
+# --- the rest of the API, each against the peer ----------------------------------------------
+
+
+def trained_pair(
+    dtype: torch.dtype = torch.float32, pattern: str = "same", steps: int = 12, ema_fp32: bool = False
+) -> Pair:
+    pair = Pair("cnn", dtype, {"decay": DECAY}, pattern, seed=1)
+    if ema_fp32:
+        for ema in (pair.peer, *pair.emas()):
+            ema.to(dtype=torch.float32)
+    for _ in range(steps):
+        pair.train_step()
+        pair.ema_step()
+    return pair
+
+
+def assert_close_to_peer(ours: list[Tensor], theirs: list[Tensor], d_max: float = DECAY) -> None:
+    flat = Flat(theirs)
+    ratio, where = flat.ratio(flat(ours), flat(theirs), TOLERANCES["fp32"] / (1.0 - d_max))
+    assert ratio <= 1.0, f"{ratio:.3g}x the fp32 bound off diffusers: {where}"
+
+
+def assert_equal(actual: list[Tensor], expected: list[Tensor], what: str) -> None:
+    assert len(actual) == len(expected), f"{what}: {len(actual)} tensors, expected {len(expected)}"
+    for i, (a, e) in enumerate(zip(actual, expected, strict=True)):
+        assert a.dtype == e.dtype and a.shape == e.shape, f"{what} #{i}: {a.dtype}{tuple(a.shape)} vs {e.dtype}"
+        assert torch.equal(a, e), f"{what} #{i}: differs by up to {(a.double() - e.double()).abs().max().item():.3g}"
+
+
+def clones(tensors: Any) -> list[Tensor]:
+    return [t.detach().clone() for t in tensors]
+
+
+@pytest.mark.parametrize(
+    "dtype,pattern", [(torch.float32, "same"), (torch.float32, "copy"), (torch.bfloat16, "same")], ids=str
+)
+def test_store_copy_to_restore_like_the_peer(dtype: torch.dtype, pattern: str) -> None:
+    # bf16 params, fp32 EMA: copy_to casts to bf16 (round to nearest even)
+    pair = trained_pair(dtype=dtype, pattern=pattern, ema_fp32=dtype != torch.float32)
+    ours = pair.ours["torch"]
+    live = clones(pair.our_model.parameters())
+    for ema, model in ((pair.peer, pair.peer_model), (ours, pair.our_model)):
+        ema.store(model.parameters())
+        ema.copy_to(model.parameters())
+    assert all(t.device.type == "cpu" for t in ours.temp_stored_params)
+    expected = [s.to(dtype) for s in ours.shadow_params]
+    assert_equal(clones(pair.our_model.parameters()), expected, "params after copy_to (our own EMA, cast)")
+    assert_close_to_peer(list(pair.our_model.parameters()), list(pair.peer_model.parameters()))
+    for ema, model in ((pair.peer, pair.peer_model), (ours, pair.our_model)):
+        ema.restore(model.parameters())
+        assert ema.temp_stored_params is None
+    assert_equal(clones(pair.our_model.parameters()), live, "params after restore")
+    assert_equal(clones(pair.peer_model.parameters()), live, "the peer's params after restore")
+    for ema, model in ((pair.peer, pair.peer_model), (ours, pair.our_model)):
+        with pytest.raises(RuntimeError, match="no `store\\(\\)`ed weights"):
+            ema.restore(model.parameters())
+    pair.train_step()  # training goes on from the restored params, in the buckets
+    pair.ema_step()
+    assert_close_to_peer(pair.ours["torch"].shadow_params, pair.peer.shadow_params)
+
+
+def test_state_dict_loads_both_ways() -> None:
+    pair = trained_pair()
+    peer_state = pair.peer.state_dict()
+    fresh = EMAModel(copy.deepcopy(pair.our_model).parameters(), decay=0.5, update_after_step=7, power=0.1)
+    fresh.load_state_dict(peer_state)
+    assert_equal(fresh.shadow_params, pair.peer.shadow_params, "diffusers' shadow params loaded into sema")
+    for key, value in peer_state.items():
+        if key != "shadow_params":
+            assert getattr(fresh, key) == value, key
+    # ... and back: sema's state (saved and loaded through torch.save) into a fresh diffusers EMAModel
+    buffer = io.BytesIO()
+    torch.save(pair.ours["cpp" if "cpp" in pair.ours else "torch"].state_dict(), buffer)
+    buffer.seek(0)
+    their_fresh = Peer(copy.deepcopy(pair.peer_model).parameters(), decay=0.5)
+    their_fresh.load_state_dict(torch.load(buffer))
+    assert their_fresh.optimization_step == pair.peer.optimization_step and their_fresh.decay == DECAY
+    assert_close_to_peer(their_fresh.shadow_params, pair.peer.shadow_params)
+    # Both go on from the loaded states and stay together.
+    for _ in range(5):
+        pair.train_step()
+        their_fresh.step(pair.peer_model.parameters())
+        fresh.step(pair.our_model.parameters())
+        assert fresh.cur_decay_value == their_fresh.cur_decay_value
+    assert_close_to_peer(fresh.shadow_params, their_fresh.shadow_params)
+
+
+def test_state_dict_holds_references_and_shadow_params_assign_copies() -> None:
+    pair = trained_pair(steps=3)
+    ours = pair.ours["torch"]
+    state = ours.state_dict()
+    assert set(state) == set(pair.peer.state_dict())
+    with torch.no_grad():
+        state["shadow_params"][0].add_(1.0)  # a reference, as diffusers returns it
+    assert torch.equal(ours.shadow_params[0], state["shadow_params"][0])
+    values = [torch.randn_like(s) for s in ours.shadow_params]
+    ours.shadow_params = values
+    assert_equal(ours.shadow_params, values, "shadow_params after assignment")
+    assert ours.shadow_params[0] is not values[0]
+
+
+def test_load_state_dict_adopts_an_fp32_ema_for_bf16_params() -> None:
+    pair = trained_pair(dtype=torch.bfloat16, steps=3)
+    pair.peer.to(dtype=torch.float32)
+    ours = pair.ours["torch"]
+    ours.load_state_dict(pair.peer.state_dict())  # diffusers would now hold fp32 shadows: so does sema
+    assert_equal(ours.shadow_params, pair.peer.shadow_params, "fp32 shadows loaded for bf16 params")
+    pair.train_step()
+    pair.ema_step()
+    assert_close_to_peer(ours.shadow_params, pair.peer.shadow_params)
+
+
+def test_load_state_dict_refuses_before_changing_anything() -> None:
+    pair = trained_pair(steps=3)
+    ours = pair.ours["torch"]
+    before, settings = clones(ours.shadow_params), dict(ours.state_dict(), shadow_params=None)
+    good = pair.peer.state_dict()
+    bad_states = {
+        "Invalid min_decay": dict(good, decay=0.5, min_decay=0),  # an int: diffusers refuses it too
+        "Decay must be between 0 and 1": dict(good, decay=1.5),
+        "Invalid optimization_step": dict(good, optimization_step=3.0),
+        "shadow_params must be a list": dict(good, shadow_params=tuple(good["shadow_params"])),
+        "2 shadow params": dict(good, decay=0.5, shadow_params=good["shadow_params"][:2]),
+        "shapes differ": dict(good, decay=0.5, shadow_params=[s.reshape(-1) for s in good["shadow_params"]]),
+    }
+    for message, state in bad_states.items():
+        with pytest.raises(ValueError, match=message):
+            ours.load_state_dict(state)
+        assert_equal(ours.shadow_params, before, f"shadows after a refused state ({message})")
+        assert dict(ours.state_dict(), shadow_params=None) == settings, message
+    with pytest.raises(ValueError, match="Invalid min_decay"):  # the peer says the same
+        Peer(copy.deepcopy(pair.peer_model).parameters()).load_state_dict(bad_states["Invalid min_decay"])
+
+
+class Holder(nn.Module):
+    """A stand-in for a diffusers model where ModelMixin cannot be imported."""
+
+
+def tiny_model_cls() -> type:
+    modeling = pytest.importorskip("diffusers.models.modeling_utils", reason="diffusers' ModelMixin is absent")
+    configuration = pytest.importorskip("diffusers.configuration_utils", reason="diffusers' ConfigMixin is absent")
+
+    class TinyDiffusersModel(modeling.ModelMixin, configuration.ConfigMixin):
+        @configuration.register_to_config
+        def __init__(self, width: int = 6) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(3, width, 3)
+            self.norm = nn.GroupNorm(2, width)
+            self.out = nn.Linear(width, 2)
+
+    return TinyDiffusersModel
+
+
+def test_save_pretrained_and_from_pretrained_both_ways(tmp_path: Any) -> None:
+    model_cls = tiny_model_cls()
+    torch.manual_seed(3)
+    model = model_cls()
+    peer = Peer(copy.deepcopy(model).parameters(), decay=DECAY, model_cls=model_cls, model_config=model.config)
+    ours = EMAModel(copy.deepcopy(model).parameters(), decay=DECAY, model_cls=model_cls, model_config=model.config)
+    trained = copy.deepcopy(model)
+    for _ in range(4):
+        with torch.no_grad():
+            for p in trained.parameters():
+                p.add_(torch.randn_like(p) * 0.1)
+        peer.step(trained.parameters())
+        ours.step(trained.parameters())
+    ours.save_pretrained(str(tmp_path / "ours"))
+    peer.save_pretrained(str(tmp_path / "peer"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # from_config(path) is deprecated in diffusers itself
+        theirs_of_ours = Peer.from_pretrained(str(tmp_path / "ours"), model_cls)
+        ours_of_theirs = EMAModel.from_pretrained(str(tmp_path / "peer"), model_cls)
+        ours_of_ours = EMAModel.from_pretrained(str(tmp_path / "ours"), model_cls)
+    assert_equal(theirs_of_ours.shadow_params, ours.shadow_params, "diffusers loading sema's save_pretrained")
+    assert_equal(ours_of_ours.shadow_params, ours.shadow_params, "sema loading its own save_pretrained")
+    assert_equal(ours_of_theirs.shadow_params, peer.shadow_params, "sema loading diffusers' save_pretrained")
+    for loaded in (theirs_of_ours, ours_of_theirs, ours_of_ours):
+        assert loaded.optimization_step == 4 and loaded.decay == DECAY and loaded.model_cls is model_cls
+    for ema in (EMAModel(model.parameters()), EMAModel(model.parameters(), model_cls=model_cls)):
+        with pytest.raises(ValueError, match="can only be used if `model_c"):
+            ema.save_pretrained(str(tmp_path / "nothing"))
+
+
+def test_to_moves_or_recasts_what_it_can_and_refuses_the_rest() -> None:
+    pair = trained_pair(dtype=torch.bfloat16, steps=5)
+    ours = pair.ours["torch"]
+    views = ours.shadow_params
+    ours.to("cpu")  # the params live on the CPU: nothing to move
+    ours.to(device=torch.device("cpu"), dtype=torch.bfloat16, non_blocking=True)
+    assert all(a is b for a, b in zip(views, ours.shadow_params, strict=True))
+    params = clones(pair.our_model.parameters())
+    assert not all(torch.equal(s, p) for s, p in zip(views, params, strict=True))  # else the next check is idle
+    expected = [v.float() for v in views]
+    ours.to(dtype=torch.float32)
+    assert_equal(ours.shadow_params, expected, "shadows after to(dtype=float32)")
+    ours.shadow_params = values = [torch.randn_like(s) for s in ours.shadow_params]
+    ours.to(dtype=torch.bfloat16)  # back: rounds to nearest even, as diffusers' tensor.to() does
+    assert_equal(ours.shadow_params, [v.to(torch.bfloat16) for v in values], "shadows after to(dtype=bfloat16)")
+    before = clones(ours.shadow_params)
+    with pytest.raises(NotImplementedError, match="beside the params"):
+        ours.to("meta")
+    with pytest.raises(NotImplementedError, match="float32 or in each param's own dtype"):
+        ours.to(dtype=torch.float16)
+    with pytest.raises(TypeError, match=r"dtype must be a torch\.dtype"):
+        ours.to(dtype="float32")
+    assert_equal(ours.shadow_params, before, "shadows after refused to() calls")
+    fp32 = trained_pair(steps=2).ours["torch"]
+    with pytest.raises(NotImplementedError, match="float32 or in each param's own dtype"):
+        fp32.to(dtype=torch.bfloat16)  # an EMA coarser than its fp32 params
+
+
+def test_pin_memory_is_refused_with_the_reason() -> None:
+    ours = EMAModel(SmallCNN().parameters())
+    with pytest.raises(NotImplementedError, match="offload"):
+        ours.pin_memory()
+
+
+def test_deprecated_arguments_behave_like_the_peer() -> None:
+    model = SmallCNN()
+    for cls in (Peer, EMAModel):
+        with pytest.warns(FutureWarning, match="Passing a `torch.nn.Module`"):
+            ema = cls(copy.deepcopy(model))
+        assert ema.use_ema_warmup is True
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            ema = cls(copy.deepcopy(model).parameters(), max_value=0.5, min_value=0.25, device="cpu", unknown=1)
+        said = " ".join(str(w.message) for w in caught if w.category is FutureWarning)
+        assert all(f"`{name}` argument is deprecated" in said for name in ("max_value", "min_value", "device")), said
+        assert (ema.decay, ema.min_decay) == (0.5, 0.25)
+        with pytest.warns(FutureWarning, match="ExponentialMovingAverage.step"):
+            ema.step(model)
+        assert ema.optimization_step == 1
+
+
+def test_get_decay_is_the_peers() -> None:
+    params = list(SmallCNN().parameters())
+    for options in (
+        {},
+        {"decay": 0.99, "min_decay": 0.5, "update_after_step": 4},
+        {"use_ema_warmup": True, "inv_gamma": 3, "power": 0.75, "update_after_step": 2},
+    ):
+        peer, ours = Peer(params, **options), EMAModel(copy.deepcopy(SmallCNN()).parameters(), **options)
+        for step in (0, 1, 2, 3, 4, 5, 6, 7, 50, 10**6):
+            assert ours.get_decay(step) == peer.get_decay(step), (options, step)
+
+
+def test_bad_input_is_refused_before_anything_changes() -> None:
+    model = SmallCNN()
+    with pytest.raises(TypeError, match=r"nn\.Parameter"):
+        EMAModel([torch.randn(3)])
+    with pytest.raises(ValueError, match="again"):
+        EMAModel([model.fc.weight, model.fc.bias, model.fc.weight])
+    with pytest.raises(ValueError, match="nothing to average"):
+        EMAModel([])
+    with pytest.raises(TypeError, match="float32, bfloat16 or float16"):
+        EMAModel([nn.Parameter(torch.zeros(3, dtype=torch.float64))])
+    ours = EMAModel(model.parameters())
+    before = clones(ours.shadow_params)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+    for method in (ours.step, ours.copy_to):
+        with pytest.raises(ValueError, match="params given"):
+            method(list(model.parameters())[:-1])
+    assert ours.optimization_step == 0 and ours.cur_decay_value is None
+    assert_equal(ours.shadow_params, before, "shadows after refused calls")
+    with pytest.raises(TypeError, match="deep-copied"):
+        copy.deepcopy(ours)
+    with pytest.raises(TypeError, match="pickled"):
+        pickle.dumps(ours)
