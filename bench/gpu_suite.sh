@@ -8,16 +8,17 @@
 #
 # Stages, most evidence first, each under `timeout --kill-after`; limits in seconds (H200 estimate):
 #   env 45 (10), build 180 (45-60: nvcc for sm_90 only), backends 45 (8), t-cuda 120 (30),
-#   t-triton 150 (40), t-graphs 90 (20), big 90 (20: 2**31+17 elements), profile 150 (60),
-#   profile-torch 60 (20), ncu 120 (45), memcheck 150 (60), peers 120 (40; last, if time remains).
-# The whole run stays inside SUITE_BUDGET seconds (470 on cuda): a stage gets the smaller of its
+#   t-triton 150 (40), t-graphs 90 (20), t-offload 90 (30), big 90 (20: 2**31+17 elements),
+#   profile 150 (60), profile-torch 60 (20), offload 120 (60: a 1.1B decoder's training step),
+#   ncu 120 (45), memcheck 150 (60), peers 120 (40; last, if time remains).
+# The whole run stays inside SUITE_BUDGET seconds (500 on cuda): a stage gets the smaller of its
 # limit and the time left, and is skipped when that is under half its limit. A stage that fails
 # or is killed is recorded (exit status, seconds, 'KILLED by time limit') and the next one runs.
 #
 # $OUT, rewritten as each stage ends (8 files at most): summary.txt (one line per stage, then the
-# bandwidth and peer tables; printed last), run.log (every stage's output), env.txt, profile.json,
-# peers.json, ncu.txt, memcheck.txt, extras.tar.gz (JUnit XML, CSV, plots, the torch-backend
-# profile). Without OUT they go to bench/results/gpu-suite-<device>-<UTC stamp>/.
+# bandwidth, peer and offload tables; printed last), run.log (every stage's output), env.txt,
+# profile.json, peers.json, ncu.txt, memcheck.txt, extras.tar.gz (JUnit XML, CSV, plots, the
+# torch-backend profile, offload.json). Without OUT they go to bench/results/gpu-suite-<device>-<UTC stamp>/.
 #
 # Knobs: PYTHON (default python3; .venv/bin/python in cpu mode when present), SUITE_DEVICE=cuda|cpu,
 # SUITE_QUICK=1 (cpu mode: pytest stages only collect, no build, smallest sets), SUITE_STAGES
@@ -30,10 +31,10 @@ set -uo pipefail
 case "${OUT:-}" in "" | /*) ;; *) OUT="$PWD/$OUT" ;; esac # relative to where it was called from
 cd "$(dirname "$0")/.." || exit 2
 
-STAGES=(env build backends t-cuda t-triton t-graphs big profile profile-torch ncu memcheck peers)
+STAGES=(env build backends t-cuda t-triton t-graphs t-offload big profile profile-torch offload ncu memcheck peers)
 declare -A LIMIT=(
-    [env]=45 [build]=180 [backends]=45 [t-cuda]=120 [t-triton]=150 [t-graphs]=90 [big]=90
-    [profile]=150 [profile-torch]=60 [ncu]=120 [memcheck]=150 [peers]=120
+    [env]=45 [build]=180 [backends]=45 [t-cuda]=120 [t-triton]=150 [t-graphs]=90 [t-offload]=90 [big]=90
+    [profile]=150 [profile-torch]=60 [offload]=120 [ncu]=120 [memcheck]=150 [peers]=120
 )
 
 die() {
@@ -46,7 +47,7 @@ DEVICE="${SUITE_DEVICE:-cuda}"
 case "$DEVICE" in cuda | cpu) ;; *) die "SUITE_DEVICE must be cuda or cpu, not '$DEVICE'" ;; esac
 QUICK="${SUITE_QUICK:-0}"
 [ "$DEVICE" = cuda ] && [ "$QUICK" = 1 ] && die "SUITE_QUICK=1 is for SUITE_DEVICE=cpu (a check of the script)"
-if [ "$DEVICE" = cuda ]; then BUDGET="${SUITE_BUDGET:-470}"; else BUDGET="${SUITE_BUDGET:-3600}"; fi
+if [ "$DEVICE" = cuda ]; then BUDGET="${SUITE_BUDGET:-500}"; else BUDGET="${SUITE_BUDGET:-3600}"; fi
 KILL_AFTER="${SUITE_KILL_AFTER:-10}"
 SCALE="${SUITE_LIMIT_SCALE:-1}"
 ARCHS="${SUITE_CUDA_ARCHS:-90}"
@@ -209,6 +210,8 @@ if [ "${#GRAPH_TESTS[@]}" -eq 0 ]; then
 else
     stage t-graphs "$QUICK_NOTE" "${PYTEST[@]}" --junitxml="$WORK/extras/t-graphs.xml" "${GRAPH_TESTS[@]}"
 fi
+# Offload and overlap on the GPU: one process, no xdist (some tests time the GPU with events)
+stage t-offload "$QUICK_NOTE" "${PYTEST[@]}" --junitxml="$WORK/extras/t-offload.xml" tests/test_offload_cuda.py
 if [ "$DEVICE" = cuda ]; then
     stage big "" "$PY" bench/gpu/big_bucket.py --backends triton,cuda
 else
@@ -236,6 +239,17 @@ else
         --backends torch,cpp --repeats 3 --no-progress --json "$WORK/profile.json" --csv "$WORK/extras/profile.csv"
     stage profile-torch "cpu: tiny" "$PY" -m sema.profile --set tiny --dtypes fp32 --backends torch --repeats 3 \
         --no-progress --json "$WORK/extras/profile-torch.json"
+fi
+# The EMA off the critical path: a training step without EMA, plain, overlap=True, offload
+# (update_every 1, 4, 16), step time and GPU bytes; its JSON is rewritten after each configuration
+OFFLOAD_OUT=(--json "$WORK/extras/offload.json" --text "$WORK/offload.txt")
+if [ "$DEVICE" = cuda ]; then
+    stage offload "" "$PY" bench/offload.py --parts train "${OFFLOAD_OUT[@]}"
+elif [ "$QUICK" = 1 ]; then
+    stage offload "cpu: a tiny decoder (a check of the script)" "$PY" bench/offload.py --quick --parts train \
+        "${OFFLOAD_OUT[@]}"
+else
+    stage offload "cpu: --quick, every part" "$PY" bench/offload.py --quick "${OFFLOAD_OUT[@]}"
 fi
 
 # 5. why: hardware counters on one launch of each kernel family
@@ -281,6 +295,10 @@ fi
     echo
     timeout --kill-after=2 "$RESERVE" "$PY" bench/gpu/summary.py --profile "$WORK/profile.json" \
         "$WORK/extras/profile-torch.json" --peers "$WORK/peers.json" 2>&1 || echo "(the tables failed: see run.log)"
+    if [ -s "$WORK/offload.txt" ]; then
+        echo
+        cat "$WORK/offload.txt"
+    fi
 } >>"$SUMMARY"
 publish
 printf '\n===== summary (%s) =====\n' "$OUT"

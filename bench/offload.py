@@ -37,6 +37,7 @@ import inspect
 import io
 import json
 import math
+import os
 import statistics
 import sys
 import time
@@ -488,6 +489,7 @@ def main(argv: list[str] | None = None) -> int:
 
     settings = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
     result: dict = {"what": __doc__.split("\n\n")[0], **provenance(device), "args": settings}
+    result["suite_commit"] = os.environ.get("SUITE_COMMIT")  # the GPU machine's copy has no .git
 
     def save() -> None:  # after every part and every training config: a killed run keeps what it has
         if args.json:

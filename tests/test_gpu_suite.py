@@ -1,6 +1,7 @@
 """bench/gpu_suite.sh in its CPU check mode: results reach $OUT as each stage ends (8 files at
 most), a stage killed by its time limit is reported as such and the next stage still runs, and
-the summary is printed last. Also the 2**31 check's negative control and the summary tables."""
+the summary is printed last; the offload stage's JSON travels in extras.tar.gz and its tables
+close the summary. Also the 2**31 check's negative control and the summary tables."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import re
 import shutil
 import subprocess
 import sys
+import tarfile
 import time
 from pathlib import Path
 
@@ -32,12 +34,13 @@ def suite_env(tmp: Path, **knobs: str) -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def hung_run(tmp_path_factory):
-    """env, then backends hanging past its 2 s limit and ignoring TERM, then t-graphs (collect only).
-    $OUT is read while the hang runs: what the env stage wrote must already be there."""
+    """env, then backends hanging past its 2 s limit and ignoring TERM, then t-graphs (collect only)
+    and offload (a tiny decoder on the CPU). $OUT is read while the hang runs: what the env stage
+    wrote must already be there."""
     out = tmp_path_factory.mktemp("suite") / "out"
     env = suite_env(
         out,
-        SUITE_STAGES="env,backends,t-graphs",
+        SUITE_STAGES="env,backends,t-graphs,offload",
         SUITE_HANG="backends:stubborn",
         SUITE_LIMITS="backends=2",
         SUITE_KILL_AFTER="1",
@@ -92,6 +95,20 @@ def test_killed_stage_is_reported_and_the_next_one_runs(hung_run):
     assert "skipped: not in SUITE_STAGES" in summary_line(summary, "build")
     assert "1 stage(s) failed: backends" in summary
     assert "===== t-graphs" in (out / "run.log").read_text(), "the next stage's output is in run.log"
+
+
+def test_offload_stage_results_reach_out(hung_run):
+    _, _, out, _ = hung_run
+    summary = (out / "summary.txt").read_text()
+    assert re.search(r"exit 0 .* ok", summary_line(summary, "offload")), summary
+    with tarfile.open(out / "extras.tar.gz") as archive:
+        result = json.load(archive.extractfile("extras/offload.json"))
+    configs = [row["config"] for row in result["train"]]
+    assert configs == ["none", "plain", "overlap", "offload1", "offload4", "offload16"], configs
+    assert {"device", "torch", "date", "git_commit", "suite_commit"} <= result.keys(), "provenance is missing"
+    assert all(row["step_mean_ms"] > 0 for row in result["train"]), result["train"]
+    tables = summary.split("total ", 1)[1]
+    assert "training step: bf16 decoder" in tables and "offload16" in tables, "the offload table closes the summary"
 
 
 def test_summary_is_printed_last(hung_run):
