@@ -718,14 +718,27 @@ def format_drop_in_table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def _flat(row: dict[str, Any]) -> dict[str, Any]:
+    """A row for CSV: a dict value becomes one column per key (``peer_speedup:diffusers``), a list
+    one comma separated cell."""
+    flat: dict[str, Any] = {}
+    for key, value in row.items():
+        if isinstance(value, dict):
+            flat.update({f"{key}:{sub}": v for sub, v in value.items()})
+        else:
+            flat[key] = ",".join(value) if isinstance(value, list) else value
+    return flat
+
+
 def write_csv(result: dict[str, Any], path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    fields = list(dict.fromkeys(key for row in result["rows"] for key in row))
+    rows = [_flat(row) for row in result["rows"]]
+    fields = list(dict.fromkeys(key for row in rows for key in row))
     prov_fields = ("device", "threads", "torch", "sema", "date", "git_commit", "note")
     with path.open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=fields + list(prov_fields))
         writer.writeheader()
-        for row in result["rows"]:
+        for row in rows:
             writer.writerow({**row, **{k: result["provenance"].get(k) for k in prov_fields}})
 
 

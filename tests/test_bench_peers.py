@@ -16,6 +16,7 @@ negative control checks that the bound rejects a drop-in that uses another decay
 from __future__ import annotations
 
 import copy
+import csv
 import importlib.util
 import json
 import sys
@@ -125,9 +126,9 @@ def test_quick_run_drop_ins_beside_their_peers(tmp_path, capsys, monkeypatch):
     monkeypatch.setitem(sys.modules, "sema.compat.ema_pytorch", types.ModuleType("sema.compat.ema_pytorch"))
     monkeypatch.setitem(sys.modules, "diffusers", None)  # its peer rows skip: no slow import here
 
-    out = tmp_path / "peers.json"
+    out, table = tmp_path / "peers.json", tmp_path / "peers.csv"
     argv = ["--quick", "--peers", "dropins", "--dtypes", "fp32", "--repeats", "2", "--warmup", "0"]
-    assert peers.main([*argv, "--no-progress", "--json", str(out)]) == 0
+    assert peers.main([*argv, "--no-progress", "--json", str(out), "--csv", str(table)]) == 0
     text = capsys.readouterr().out
     result = json.loads(out.read_text())
     rows = {r["peer"]: r for r in result["rows"]}
@@ -148,6 +149,10 @@ def test_quick_run_drop_ins_beside_their_peers(tmp_path, capsys, monkeypatch):
     assert mine["peer_speedup"] == {"torch_ema": pytest.approx(rows["torch_ema"]["median_ms"] / mine["median_ms"])}
     assert result["peers"]["compat_torch_ema"]["replaces"] == ["torch_ema"]
     assert "peer_speedup" in result["settings"]
+
+    (csv_row,) = [r for r in csv.DictReader(table.open()) if r["peer"] == "compat_torch_ema"]
+    assert float(csv_row["peer_speedup:torch_ema"]) == pytest.approx(mine["peer_speedup"]["torch_ema"])
+    assert csv_row["replaces"] == "torch_ema"
 
     assert "drop-ins vs the peer they replace" in text
     drop_in_table = text.split("drop-ins vs the peer they replace")[1]
@@ -215,3 +220,24 @@ def test_negative_control_another_decay_is_rejected():
     scale = _same_steps([right_model, wrong_model], [right, wrong])
     assert _max_violation(wrong.emas(), right.emas(), scale, torch.float32) > 1.0
     assert _max_violation(right.emas(), right.emas(), scale, torch.float32) == 0.0
+
+
+def test_plot_has_a_row_of_drop_in_panels(tmp_path, monkeypatch):
+    pytest.importorskip("matplotlib", reason="matplotlib is not installed (make peers installs it)")
+    drawn = []
+    original = peers._plot_drop_ins
+    monkeypatch.setattr(
+        peers, "_plot_drop_ins", lambda axes, rows, *rest: drawn.append(rows) or original(axes, rows, *rest)
+    )
+    common = {"fp32_ema": True, "ema_dtype": "fp32", "sema_auto_speedup": 1.5}
+    rows = [
+        {**_row("torch_ema", 3.0), **common, "label": "torch_ema"},
+        {**_row("compat_torch_ema", 2.0), **common, "label": "drop-in"},
+        {**_row("compat_diffusers", None), "label": "skipped drop-in"},
+    ]
+    peers.add_drop_in_speedups(rows)
+    provenance = {"sema": "0", "device": "cpu", "threads": 1, "torch": "2", "date": "2026-12-01"}
+    path = tmp_path / "peers.png"
+    peers.write_plot({"provenance": provenance, "rows": rows}, path)
+    assert path.stat().st_size > 0
+    assert [[r["peer"] for r in batch] for batch in drawn] == [["compat_torch_ema"]]
