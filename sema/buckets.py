@@ -197,10 +197,15 @@ def _describe(t: Tensor) -> str:
 
 
 def build_bucket(
-    device: torch.device, dtype: torch.dtype, members: Sequence[tuple[str, nn.Parameter]], ema_dtype: torch.dtype
+    device: torch.device,
+    dtype: torch.dtype,
+    members: Sequence[tuple[str, nn.Parameter]],
+    ema_dtype: torch.dtype,
+    ema_device: torch.device | None = None,
 ) -> FlatBucket:
     """Copy ``members`` into one flat buffer, re-point each ``param.data`` to its view and
-    allocate the EMA buffer (initialised to the params, cast to ``ema_dtype``).
+    allocate the EMA buffer (initialised to the params, cast to ``ema_dtype``) on ``ema_device``
+    (default: the params' device; host memory for CUDA params is pinned, for async copies).
 
     All or nothing: both buffers are allocated and every value copied before the first param is
     re-pointed, and on any failure every param points at its old memory again. That keeps the
@@ -228,7 +233,7 @@ def build_bucket(
     total = _align(total, dtype)
     shared = device.type == "cpu" and any(p.untyped_storage().is_shared() for p in params)
     flat = _empty(total, dtype, device, shared)
-    ema_flat = _empty(total, ema_dtype, device, shared)
+    ema_flat = ema_buffer(total, ema_dtype, device, ema_device, shared)
     originals = [p.data for p in params]
     views = [flat.as_strided(p.shape, _dense_strides(p), offset) for p, offset in zip(params, offsets, strict=True)]
     try:
@@ -259,6 +264,7 @@ def build_bucket(
 
 def build_buckets(
     plans: Sequence[tuple[torch.device, torch.dtype, Sequence[tuple[str, nn.Parameter]], torch.dtype]],
+    ema_device: torch.device | None = None,
 ) -> list[FlatBucket]:
     """:func:`build_bucket` for each ``(device, dtype, members, ema_dtype)``, all or nothing: the
     params of every plan are checked for shared memory first, and if a later bucket fails (an
@@ -269,7 +275,7 @@ def build_buckets(
     built = []
     try:
         for device, dtype, members, ema_dtype in plans:
-            built.append(build_bucket(device, dtype, members, ema_dtype))
+            built.append(build_bucket(device, dtype, members, ema_dtype, ema_device))
     except BaseException:
         _restore(params, originals)
         raise
@@ -327,6 +333,19 @@ def _empty(numel: int, dtype: torch.dtype, device: torch.device, shared: bool = 
         if end > start:
             _madvise_hugepage(start, end - start)
     return flat
+
+
+def ema_buffer(
+    numel: int, dtype: torch.dtype, param_device: torch.device, ema_device: torch.device | None, shared: bool = False
+) -> Tensor:
+    """An uninitialised EMA buffer for a bucket of params on ``param_device``: on ``ema_device``
+    where one is given (offload), in pinned host memory when the params are on CUDA (the
+    staging copies are asynchronous only from and to pinned memory)."""
+    if ema_device is None or ema_device == param_device:
+        return _empty(numel, dtype, param_device, shared)
+    if ema_device.type == "cpu" and param_device.type == "cuda":
+        return torch.empty(numel, dtype=dtype, pin_memory=True)
+    return _empty(numel, dtype, ema_device)
 
 
 def _madvise_hugepage(address: int, length: int) -> bool:

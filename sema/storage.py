@@ -13,6 +13,7 @@ it was put?". It knows nothing of decays or when to switch: ``SwitchEMA`` hands 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import operator
 import weakref
 from collections.abc import Callable, Iterator, Sequence
@@ -22,7 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from sema import ops
-from sema.buckets import BucketMovedError, FlatBucket, _empty, build_buckets, plan_buckets
+from sema.buckets import BucketMovedError, FlatBucket, build_buckets, ema_buffer, plan_buckets
 
 try:
     from torch.distributed.tensor import DTensor
@@ -53,11 +54,16 @@ def _bucket_holding(p: Tensor) -> FlatBucket | None:
     return None
 
 
-def _share_bucket(bucket: FlatBucket, ours: Sequence[tuple[str, nn.Parameter]], ema_dtype: torch.dtype) -> FlatBucket:
+def _share_bucket(
+    bucket: FlatBucket,
+    ours: Sequence[tuple[str, nn.Parameter]],
+    ema_dtype: torch.dtype,
+    ema_device: torch.device | None = None,
+) -> FlatBucket:
     """``bucket``'s params and param buffer, under our names, with a new EMA buffer initialised
     to the params: a second EMA of the same params, still one launch per bucket."""
     name_of = {id(p): n for n, p in ours}
-    ema_flat = _empty(bucket.param_flat.numel(), ema_dtype, bucket.device)
+    ema_flat = ema_buffer(bucket.param_flat.numel(), ema_dtype, bucket.device, ema_device)
     with torch.no_grad():
         ema_flat.copy_(bucket.param_flat)
     return dataclasses.replace(bucket, ema_flat=ema_flat, names=[name_of[id(p)] for p in bucket.params])
@@ -166,6 +172,10 @@ class ModelSlots:
         return [f"{n} (replaced by a new Parameter)" for d, k, p, n in self._slots if d.get(k) is not p]
 
 
+# Elements per host-to-device copy when an EMA in host memory goes into the params (switch,
+# swapped): bounds the temporary a cast across devices may take on the GPU.
+HOST_TO_DEVICE_CHUNK = 1 << 22
+
 # update() checks every param's placement on one call in this many, and on every call where a
 # bucket's storage lost a reference or a module registered a parameter (see
 # EMAStorage.maybe_moved): O(buckets) per call instead of O(params).
@@ -226,8 +236,12 @@ class EMAStorage:
         backends: dict[torch.device, str],
         copy_only: set[str] | frozenset[str] = frozenset(),
         num_emas: int = 1,
+        ema_device: torch.device | None = None,
     ) -> None:
         self.backends = backends
+        # Offload: every EMA buffer lives on ema_device (host memory), the params stay where they
+        # are; backends then maps ema_device to the backend that updates the EMA there.
+        self.ema_device = ema_device
         self.num_emas = num_emas
         self.buckets: list[FlatBucket] = []
         self.tensor_groups: list[TensorGroup] = []
@@ -273,12 +287,14 @@ class EMAStorage:
                 self._copy_only.add(id(self.tensor_groups[-1]))
         moving = [p for _, _, members, _, _ in fresh for _, p in members]
         originals = [p.data for p in moving]
-        built = build_buckets([(device, dtype, members, target) for device, dtype, members, target, _ in fresh])
+        built = build_buckets(
+            [(device, dtype, members, target) for device, dtype, members, target, _ in fresh], ema_device
+        )
         try:
             for bucket, (*_, copies) in zip(built, fresh, strict=True):
                 self._add_bucket(bucket, copies)
             for bucket, ours, target, copies in shared:
-                self._add_bucket(_share_bucket(bucket, ours, target), copies)
+                self._add_bucket(_share_bucket(bucket, ours, target, ema_device), copies)
             # EMAs 1..K-1 of K decays, beside EMA 0 (the bucket's ema_flat, the group's emas); all
             # K start as copies of the params and are updated by one fused pass.
             self._more: dict[int, list] = {
@@ -298,7 +314,9 @@ class EMAStorage:
     def backend_of(self, holder: FlatBucket | TensorGroup) -> str:
         """The backend that serves a bucket or group: the device's, except for fp64, which only
         the torch backend computes (in fp64, its weight included)."""
-        return FP64_BACKEND if holder.dtype == torch.float64 else self.backends[holder.device]
+        if holder.dtype == torch.float64:
+            return FP64_BACKEND
+        return self.backends[holder.device if self.ema_device is None else self.ema_device]
 
     @property
     def has_fp64(self) -> bool:
@@ -367,7 +385,9 @@ class EMAStorage:
         where it goes through a scratch copy (fp16 params with an fp32 EMA)."""
         out = []
         for bucket in self.buckets:
-            exchanged = bucket.ema_flat.dtype == bucket.dtype or bucket.dtype == torch.bfloat16
+            exchanged = self.ema_device is None and (
+                bucket.ema_flat.dtype == bucket.dtype or bucket.dtype == torch.bfloat16
+            )
             out += [(n, p, exchanged) for n, p in zip(bucket.names, bucket.params, strict=True)]
         for group in self.tensor_groups:
             exchanged = group.emas[0].dtype == group.dtype or group.dtype == torch.bfloat16
@@ -427,15 +447,42 @@ class EMAStorage:
             w = self._ones[(holder.device, dtype)] = torch.ones(self.num_emas, dtype=dtype, device=holder.device)
         return w
 
+    def is_copy_only(self, holder: FlatBucket | TensorGroup) -> bool:
+        """Whether ``holder``'s EMA is a copy refreshed with weight 1 at every update."""
+        return id(holder) in self._copy_only
+
     def switch_(self, index: int = 0) -> None:
         """``param <- EMA index`` cast to each param's dtype; the EMA is unchanged."""
+        if self.ema_device is not None:
+            for bucket in self.buckets:
+                self._switch_offloaded(bucket, index)
+            return
         for ema, param, backend in self._dense_pairs(index):
             ops.dispatch_switch(ema, param, backend)
+
+    def _switch_offloaded(self, bucket: FlatBucket, index: int) -> None:
+        """``param <- EMA`` for an EMA in host memory: on the host where the params are, else
+        host to device in chunks (a cast of a whole bucket would stage a bucket-sized copy)."""
+        ema = self.bucket_emas(bucket)[index]
+        if bucket.device == ema.device:
+            ops.dispatch_switch(ema, bucket.param_flat, self.backend_of(bucket))
+            return
+        with torch.no_grad():
+            for start in range(0, ema.numel(), HOST_TO_DEVICE_CHUNK):
+                end = min(start + HOST_TO_DEVICE_CHUNK, ema.numel())
+                bucket.param_flat[start:end].copy_(ema[start:end])
 
     def swap_in(self, undo: list[Callable[[], None]], index: int = 0) -> None:
         """Put EMA ``index`` into the params, appending to ``undo`` the actions (to run in reverse
         order) that restore params and EMA bit for bit; if a swap fails midway, ``undo`` holds
-        those of the swaps already done."""
+        those of the swaps already done. An EMA in host memory is copied in, and the params
+        are kept in a host copy meanwhile (the EMA itself is not touched)."""
+        if self.ema_device is not None:
+            for bucket in self.buckets:
+                saved = bucket.param_flat.to("cpu", copy=True)
+                undo.append(functools.partial(_copy_back, bucket.param_flat, saved))
+                self._switch_offloaded(bucket, index)
+            return
         for ema, param, backend in self._dense_pairs(index):
             undo.append(_swap_in(ema, param, backend))
 
@@ -455,6 +502,11 @@ class EMAStorage:
         flags = [torch.isfinite(b.param_flat).all() for b in self.buckets]
         flags += [torch.isfinite(v).all() for g in self.tensor_groups for v in g.views]
         return bool(torch.stack([f.cpu() for f in flags]).all())
+
+
+def _copy_back(param: Tensor, saved: Tensor) -> None:
+    with torch.no_grad():
+        param.copy_(saved)
 
 
 def _swap_in(ema: Tensor, param: Tensor, backend: str) -> Callable[[], None]:

@@ -11,6 +11,7 @@ import contextlib
 import functools
 import inspect
 import warnings
+import weakref
 from collections.abc import Callable, Iterator, Sequence
 
 import torch
@@ -20,6 +21,7 @@ from torch.optim.optimizer import register_optimizer_step_pre_hook
 from sema import ops
 from sema.buckets import FlatBucket, check_aliasing, plan_buckets
 from sema.module_view import build_module_view
+from sema.offload import OFFLOAD_CHUNK_ELEMENTS, OffloadEngine, OverlapEngine
 from sema.policy import SwitchPolicy
 from sema.schedules import DecaySchedule, copy_updates_of
 from sema.selection import ParamSelection
@@ -99,6 +101,16 @@ class SwitchEMA:
             with the plain decay, as ema-pytorch, NeMo, mmengine and Lightning do.
         include, exclude: ``fnmatch`` patterns on param names picking the params to average.
         copy_only: patterns of tracked params whose EMA is a copy refreshed at every update.
+        ema_device: ``None`` (the EMA lives beside the params) or ``"cpu"``: the EMA lives in host
+            memory (pinned for CUDA params) and none on the GPU; :meth:`update` returns at once
+            and a worker thread copies the params chunk by chunk into two staging buffers and
+            updates the EMA there with the cpp kernel. Call :meth:`attach` (or :meth:`wait` before
+            writing the params) so the next optimizer step waits for the copy. Flat buckets only.
+        overlap: run the update on a side stream (CUDA params), overlapping the next forward and
+            backward; :meth:`attach`/:meth:`wait` order the next write to the params after it. On
+            CPU params the update runs synchronously. See docs/offload.md.
+        offload_chunk_elements: the chunk of the offload pipeline, in param elements; the two
+            staging buffers hold one chunk each (:attr:`staging_bytes`).
 
         Which arguments reproduce other EMA libraries: docs/migration.md.
     """
@@ -128,6 +140,9 @@ class SwitchEMA:
         include: Sequence[str] | str | None = None,
         exclude: Sequence[str] | str | None = None,
         copy_only: Sequence[str] | str | None = None,
+        ema_device: str | torch.device | None = None,
+        overlap: bool = False,
+        offload_chunk_elements: int = OFFLOAD_CHUNK_ELEMENTS,
     ) -> None:
         # Every check runs before the model is touched: a bad argument leaves it as it was.
         if not isinstance(model, nn.Module):
@@ -200,7 +215,7 @@ class SwitchEMA:
                 f"element by element: {', '.join(bad)}. Make them real tensors: "
                 "module.name = nn.Parameter(param.detach().clone())"
             )
-        for name, value in (("flatten", flatten), ("skip_nonfinite", skip_nonfinite)):
+        for name, value in (("flatten", flatten), ("skip_nonfinite", skip_nonfinite), ("overlap", overlap)):
             if not isinstance(value, bool):
                 raise TypeError(f"SwitchEMA: {name} must be True or False, got {value!r} ({type(value).__name__})")
         if ema_dtype is not None and not isinstance(ema_dtype, torch.dtype):
@@ -227,10 +242,12 @@ class SwitchEMA:
         check_aliasing(local, untracked, allow_ties=not grouped)
         if grouped:
             ops.check_dense(local, "SwitchEMA(flatten=False)" if not flatten else "SwitchEMA (sharded params)")
+        offload_to = _ema_device(ema_device, offload_chunk_elements, grouped)
+        param_devices = list(dict.fromkeys(device for device, _ in plan_buckets(named)))
         resolved: dict[torch.device, str] = {}
-        for device, _ in plan_buckets(named):  # a DTensor reports its local shard's device and dtype
-            if device not in resolved:
-                resolved[device] = ops.resolve_backend(backend, device)  # raises with the reason
+        # a DTensor reports its local shard's device and dtype; an offloaded EMA is updated on the host
+        for device in param_devices if offload_to is None else [offload_to]:
+            resolved[device] = ops.resolve_backend(backend, device)  # raises with the reason
         lacking = sorted({name for name in resolved.values() if len(decays) > 1 and not ops.has_update_k(name)})
         if lacking:
             raise ValueError(
@@ -252,11 +269,22 @@ class SwitchEMA:
         self._slots = ModelSlots(model, named)
         self.selection = selection
         self.storage = EMAStorage(
-            named, ema_dtype, self.flatten, resolved, copy_only=selection.copy_only, num_emas=len(schedules)
+            named,
+            ema_dtype,
+            self.flatten,
+            resolved,
+            copy_only=selection.copy_only,
+            num_emas=len(schedules),
+            ema_device=offload_to,
         )
         self._final_weights: dict[tuple[torch.device, torch.dtype], Tensor] = {}
         self._fp64 = self.storage.has_fp64
-        self._steps = {device: torch.zeros((), dtype=torch.int64, device=device) for device in resolved}
+        # One step counter per device that computes a weight: the params' (tracked buffers, the
+        # kernels) and, with offload, the host's (the worker's weights, no device-to-host copy).
+        self._steps = {
+            device: torch.zeros((), dtype=torch.int64, device=device)
+            for device in dict.fromkeys([*param_devices, *resolved])
+        }
         for step in self._steps.values():
             for schedule in self.schedules:  # cached now, not inside a traced update
                 schedule.weight(step, known_at_least=2**62)
@@ -266,7 +294,7 @@ class SwitchEMA:
                 self._weights(step, 2**62, torch.float64)
                 for schedule in self.schedules:
                     schedule.one(step.device, torch.float64)
-        self._on_cuda = any(device.type == "cuda" for device in resolved)
+        self._on_cuda = any(device.type == "cuda" for device in param_devices)
         # A lower bound of the device step, counted by eager updates only (graph replays and
         # compiled calls add to the device step without the host seeing them): once it passes
         # schedule.settled_after, the weight is a cached tensor.
@@ -275,6 +303,13 @@ class SwitchEMA:
         self._traced_updates = False  # whether _updates_seen may miss some (compiled, captured)
         self._horizon = HorizonCheck()
         self._placement = PlacementGuard("SwitchEMA", self.storage, self._slots)
+        self._engine: OffloadEngine | OverlapEngine | None = None
+        if offload_to is not None:
+            self._engine = OffloadEngine(self.storage, offload_chunk_elements)
+        elif overlap and self._on_cuda:
+            self._engine = OverlapEngine(self.storage)
+        if self._engine is not None:
+            weakref.finalize(self, self._engine.close)
 
     def __deepcopy__(self, memo: dict) -> SwitchEMA:
         raise TypeError(
@@ -351,12 +386,23 @@ class SwitchEMA:
     def num_skipped(self) -> int:
         return self.policy.num_skipped
 
+    @property
+    def ema_device(self) -> torch.device | None:
+        """Where the EMA lives: ``torch.device("cpu")`` when offloaded, else ``None`` (beside the params)."""
+        return self.storage.ema_device
+
+    @property
+    def staging_bytes(self) -> int:
+        """Host memory of the offload pipeline's two staging buffers (pinned for CUDA params), in bytes."""
+        return self._engine.staging_bytes if self._engine is not None else 0
+
     def as_module(self, index: int = 0) -> nn.Module:
         """An ``nn.Module`` of the model's structure whose params are views of EMA ``index``
         (no copy of the weights; it follows every update), in eval mode with
         ``requires_grad=False``; see :mod:`sema.module_view`. Each call builds a new one; use
         :attr:`module` for a cached one."""
         self._check_index("as_module", index)
+        self.synchronize()
         return build_module_view(self, index)
 
     @property
@@ -364,6 +410,8 @@ class SwitchEMA:
         """``as_module(0)``, built on first use and cached: the EMA as a callable teacher network."""
         if self._module is None:
             self._module = self.as_module(0)
+        else:
+            self.synchronize()
         return self._module
 
     # --- the hot path ------------------------------------------------------------------------
@@ -377,6 +425,9 @@ class SwitchEMA:
         """
         if type(switch) is not bool:
             raise TypeError(f"SwitchEMA.update: switch must be True or False, got {switch!r}")
+        if self._engine is not None:
+            self._update_with_engine(switch)
+            return
         if self.policy.counts_on_host:
             self._update_counted(switch)
             return
@@ -410,13 +461,36 @@ class SwitchEMA:
             return
         self._update_now(switch, traced=False)
 
-    def _update_now(self, switch: bool, traced: bool) -> None:
+    @_run_eagerly(
+        "SwitchEMA.update with ema_device='cpu' or overlap=True hands the update to a worker thread or a "
+        "side stream, which a compiled graph cannot hold: leave update() eager (it is one call per step)"
+    )
+    def _update_with_engine(self, switch: bool) -> None:
+        if self._capturing():
+            if isinstance(self._engine, OffloadEngine):
+                raise RuntimeError(
+                    "SwitchEMA.update inside CUDA-graph capture with ema_device='cpu': the offload worker runs "
+                    "on the host, which a graph cannot replay. Call update() outside the graph"
+                )
+            self._update_now(switch, traced=True, engine=False)  # in a graph: the graph orders it
+            return
+        self._engine.check()
+        if self.policy.counts_on_host:
+            self._update_counted(switch)
+            return
+        self._check_placement("update", hot=True)
+        self._update_now(switch, traced=False)
+
+    def _update_now(self, switch: bool, traced: bool, engine: bool = True) -> None:
         known = None if traced else self._updates_seen
         weights = {device: self._weights(step, known) for device, step in self._steps.items()}
         weights64 = None
         if self._fp64:  # fp64 params: the weight in fp64 too
             weights64 = {device: self._weights(step, known, torch.float64) for device, step in self._steps.items()}
-        self.storage.update_(weights, switch, weights64=weights64)
+        if engine and self._engine is not None:
+            self._engine.update(weights, weights64, switch)
+        else:
+            self.storage.update_(weights, switch, weights64=weights64)
         self.tracked_buffers.update_(weights)
         for step in self._steps.values():
             step.add_(1)
@@ -489,6 +563,7 @@ class SwitchEMA:
         self._check_index("switch", index)
         self._check_placement("switch")
         self._report_newly_trainable()
+        self.synchronize()
         self.storage.switch_(index)
         self._after_switch()
 
@@ -516,6 +591,7 @@ class SwitchEMA:
             raise RuntimeError("SwitchEMA.swapped() is already active; it cannot be nested")
         self._check_index("swapped", index)
         self._check_placement("swapped")
+        self.synchronize()
         counters = self.storage.version_counters()
         undo: list[Callable[[], None]] = []
         versions: list[int] | None = None
@@ -550,6 +626,31 @@ class SwitchEMA:
                 "with-block (swapped() is for evaluation); to train from the EMA weights, call ema.switch()"
             )
 
+    # --- ordering with an update in flight (offload, overlap) --------------------------------
+
+    def attach(self, optimizer: torch.optim.Optimizer) -> torch.utils.hooks.RemovableHandle:
+        """Make every ``optimizer.step()`` first :meth:`wait` for the pending update to have read
+        the params (a pre-step hook; returns its handle). Needed with ``ema_device="cpu"`` and
+        ``overlap=True``, harmless otherwise."""
+        if not isinstance(optimizer, torch.optim.Optimizer):
+            raise TypeError(f"SwitchEMA.attach: expected a torch.optim.Optimizer, got {type(optimizer).__name__}")
+        return optimizer.register_step_pre_hook(_WaitBeforeStep(self))
+
+    def wait(self) -> None:
+        """Return once the pending update has read the params, so they may be written: with
+        offload, a host wait for the last staging copy to be issued (CPU params: to be done),
+        then the current CUDA stream waits for it; with overlap, the current stream waits for the
+        side stream (no host sync). A no-op for a synchronous update. Raises a worker error."""
+        if self._engine is not None:
+            self._engine.params_read()
+
+    def synchronize(self) -> None:
+        """Return once every pending update has finished, so the EMA may be read: with offload a
+        host wait; with overlap the current stream waits for the side stream. Every method that
+        reads or writes the EMA (``state_dict``, ``switch``, ``swapped``, ``module``, ...) calls it."""
+        if self._engine is not None:
+            self._engine.finish()
+
     # --- placement checks --------------------------------------------------------------------
 
     def _check_placement(self, where: str, hot: bool = False) -> None:
@@ -579,6 +680,7 @@ class SwitchEMA:
             raise RuntimeError("SwitchEMA.state_dict() inside swapped(): the EMA buffers hold the swapped state")
         self._report_newly_trainable()
         self._horizon.poll()
+        self.synchronize()
         step = self.step
         return {
             "format": STATE_FORMAT,
@@ -659,6 +761,9 @@ class SwitchEMA:
             raise ValueError(
                 "SwitchEMA.load_state_dict: the state does not match this model:\n  " + "\n  ".join(problems)
             )
+        if self._engine is not None:  # the pending update finishes first; a failed one is overwritten now
+            self._engine.clear_error()
+            self._engine.finish()
         saved_config = state.get("config", {})
         diff = {k: (v, saved_config.get(k)) for k, v in self._config().items() if saved_config.get(k) != v}
         if diff:
@@ -693,6 +798,7 @@ class SwitchEMA:
         if self._swapped_active:
             raise RuntimeError("SwitchEMA.averaged_state_dict() inside swapped(); call it after the with-block")
         self._check_index("averaged_state_dict", index)
+        self.synchronize()
         ema_of = {id(p): (p, e) for _, p, e in self.storage.named_emas(index)}
         buffer_of = {id(b): e for b, e in zip(self.tracked_buffers.buffers, self.tracked_buffers.emas, strict=True)}
         out = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
@@ -715,6 +821,9 @@ class SwitchEMA:
         step counter back to 0 (warmups start over). With DDP, call it after wrapping the model,
         which broadcasts rank 0's weights, so every rank's EMA starts from the same values."""
         self._check_placement("reset")
+        if self._engine is not None:
+            self._engine.clear_error()
+            self._engine.finish()
         self.storage.copy_params_to_ema_()
         self.tracked_buffers.copy_model_to_ema_()
         with torch.no_grad():
@@ -855,6 +964,42 @@ class HorizonCheck:
             SwitchHorizonWarning,
             stacklevel=4,
         )
+
+
+class _WaitBeforeStep:
+    """The pre-step hook of :meth:`SwitchEMA.attach` (holds the SwitchEMA weakly: an optimizer
+    outliving it does not keep it alive)."""
+
+    def __init__(self, ema: SwitchEMA) -> None:
+        self._ema = weakref.ref(ema)
+
+    def __call__(self, optimizer: torch.optim.Optimizer, args: object, kwargs: object) -> None:
+        ema = self._ema()
+        if ema is not None:
+            ema.wait()
+
+
+def _ema_device(ema_device: object, chunk_elements: object, grouped: bool) -> torch.device | None:
+    """The device of an offloaded EMA (the host), or None; checks the offload arguments."""
+    if isinstance(chunk_elements, bool) or not isinstance(chunk_elements, int) or chunk_elements < 1:
+        raise ValueError(f"SwitchEMA: offload_chunk_elements={chunk_elements!r} must be a positive int")
+    if ema_device is None:
+        return None
+    try:
+        device = torch.device(ema_device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"SwitchEMA: ema_device={ema_device!r} is not a device; use None or 'cpu'") from None
+    if device.type != "cpu":
+        raise ValueError(
+            f"SwitchEMA: ema_device={ema_device!r}: the EMA can be offloaded to the host only (ema_device='cpu'); "
+            "None keeps it beside the params"
+        )
+    if grouped:
+        raise ValueError(
+            "SwitchEMA: ema_device='cpu' works on flat buckets; with flatten=False or sharded (DTensor) params "
+            "the EMA stays beside the params (ema_device=None)"
+        )
+    return device
 
 
 def _decays(decay: object) -> list[float]:

@@ -1,0 +1,242 @@
+"""When a ``SwitchEMA`` update runs off the training thread's critical path: the offload and
+overlap engines.
+
+``SwitchEMA`` hands an engine the weights of one update; the engine decides where and when the
+update runs and what a caller must wait for before it writes the params (``params_read``) or reads
+the EMA (``finish``).
+
+- :class:`OverlapEngine` (``overlap=True``, EMA on the GPU): the fused update runs on a side
+  stream after an event recorded on the current stream, so that it overlaps the next forward and
+  backward. ``params_read`` makes the current stream wait for it; nothing syncs with the host.
+- :class:`OffloadEngine` (``ema_device="cpu"``): the EMA lives in host memory. ``update()``
+  records an event on the current stream and hands the update to a worker thread, which copies
+  each bucket chunk by chunk into two staging buffers (device to host on a side stream, pinned,
+  for CUDA params; a plain copy for CPU params) and runs the cpp update on each chunk as soon as
+  its copy has landed. The params are free to be written once every copy has landed, long before
+  the update ends. At most one update is in flight: the next one first waits for the previous.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import queue
+import threading
+import traceback
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from sema import ops
+from sema.buckets import FlatBucket
+from sema.storage import EMAStorage
+
+# Default chunk of the offload pipeline, in param elements: 4 MiB of fp32 params (2 MiB of bf16).
+# Two staging buffers of one chunk each, of the widest param dtype.
+OFFLOAD_CHUNK_ELEMENTS = 1 << 20
+
+
+class OffloadWorkerError(RuntimeError):
+    """The offload worker failed during an update: the EMA holds a partial update of that step."""
+
+
+class OverlapEngine:
+    """The fused update on a side stream per CUDA device, ordered after the current stream."""
+
+    def __init__(self, storage: EMAStorage) -> None:
+        self.storage = storage
+        devices = {h.device for h in (*storage.buckets, *storage.tensor_groups) if h.device.type == "cuda"}
+        self.streams = {device: torch.cuda.Stream(device) for device in sorted(devices, key=str)}
+        self.done: dict[torch.device, torch.cuda.Event] = {}
+
+    def update(
+        self, weights: dict[torch.device, Tensor], weights64: dict[torch.device, Tensor] | None, switch: bool
+    ) -> None:
+        for device, stream in self.streams.items():
+            stream.wait_event(torch.cuda.current_stream(device).record_event())
+        with contextlib.ExitStack() as streams:
+            for stream in self.streams.values():
+                streams.enter_context(torch.cuda.stream(stream))
+            self.storage.update_(weights, switch, weights64=weights64)
+        for device, stream in self.streams.items():
+            for w in (weights.get(device), (weights64 or {}).get(device)):
+                if w is not None:  # freed on the current stream while the side stream may still read it
+                    w.record_stream(stream)
+            self.done[device] = stream.record_event()
+        if switch:  # the params were written on the side stream: the next forward must see them
+            self.params_read()
+
+    def params_read(self) -> None:
+        """The current streams wait for the pending update (no host sync)."""
+        for device, event in self.done.items():
+            torch.cuda.current_stream(device).wait_event(event)
+
+    finish = params_read
+
+    def check(self) -> None:
+        """Errors surface at the call on this engine: nothing to report later."""
+
+    def close(self) -> None:
+        """Nothing to release: the streams go with the engine."""
+
+    staging_bytes = 0
+
+
+@dataclass
+class _Job:
+    weights: Tensor  # on the CPU: 0-d, or (K,) with K EMAs
+    weights64: Tensor | None
+    ready: dict[torch.device, torch.cuda.Event] = field(default_factory=dict)
+    number: int = 0
+
+
+class OffloadEngine:
+    """An EMA in host memory, updated by a worker thread from chunked staging copies."""
+
+    def __init__(self, storage: EMAStorage, chunk_elements: int = OFFLOAD_CHUNK_ELEMENTS) -> None:
+        self.storage = storage
+        self.chunk_elements = chunk_elements
+        buckets = [b for b in storage.buckets if b.param_flat.numel()]
+        self.cuda_devices = sorted({b.device for b in buckets if b.device.type == "cuda"}, key=str)
+        pinned = bool(self.cuda_devices)
+        longest = max((b.param_flat.numel() for b in buckets), default=0)
+        chunk = min(chunk_elements, longest)
+        widest = max((b.param_flat.element_size() for b in buckets), default=1)
+        self.staging = [torch.empty(chunk * widest, dtype=torch.uint8, pin_memory=pinned) for _ in range(2)]
+        self.staging_bytes = sum(s.numel() for s in self.staging)
+        self.tasks: list[tuple[FlatBucket, int, int]] = [
+            (b, start, min(start + chunk, b.param_flat.numel()))
+            for b in buckets
+            for start in range(0, b.param_flat.numel(), chunk)
+        ]
+        self.copy_streams = {device: torch.cuda.Stream(device) for device in self.cuda_devices}
+        self._jobs: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
+        self._idle = threading.Event()
+        self._idle.set()
+        self._read = threading.Event()
+        self._read.set()
+        self._read_events: dict[torch.device, torch.cuda.Event] = {}
+        self._error: tuple[BaseException, str, int] | None = None
+        self._thread: threading.Thread | None = None
+        self._submitted = 0
+
+    # --- the training thread ------------------------------------------------------------------
+
+    def update(
+        self, weights: dict[torch.device, Tensor], weights64: dict[torch.device, Tensor] | None, switch: bool
+    ) -> None:
+        """Hand one update to the worker and return; with ``switch``, wait for it and put the
+        EMA into the params (host to device)."""
+        self.finish()  # at most one update in flight (and a worker error surfaces here)
+        cpu = torch.device("cpu")
+        job = _Job(weights[cpu], None if weights64 is None else weights64.get(cpu))
+        job.ready = {device: torch.cuda.current_stream(device).record_event() for device in self.cuda_devices}
+        self._submitted += 1
+        job.number = self._submitted
+        self._idle.clear()
+        self._read.clear()
+        self._read_events = {}
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="sema-offload", daemon=True)
+            self._thread.start()
+        self._jobs.put(job)
+        if switch:
+            self.finish()
+            self.storage.switch_(0)
+
+    def params_read(self) -> None:
+        """Return once the pending update has read the params (CUDA: the current streams wait
+        for the last staging copy): after it, the params may be written."""
+        self._read.wait()
+        for device, event in self._read_events.items():
+            torch.cuda.current_stream(device).wait_event(event)
+        self.check()
+
+    def finish(self) -> None:
+        """Return once the pending update has finished: the EMA is final (a host wait)."""
+        self._idle.wait()
+        self.check()
+
+    def check(self) -> None:
+        """Raise the worker's error, if it failed: at every call until the EMA is reloaded or reset."""
+        if self._error is not None:
+            exc, trace, number = self._error
+            raise OffloadWorkerError(
+                f"SwitchEMA offload worker failed in update {number} (counting this SwitchEMA's updates); the EMA "
+                "holds a partial update of that step. Load a checkpoint (ema.load_state_dict) or call ema.reset() "
+                f"to go on. The worker's traceback:\n{trace}"
+            ) from exc
+
+    def clear_error(self) -> None:
+        """After the EMA was overwritten as a whole (load_state_dict, reset): go on."""
+        self._idle.wait()
+        self._error = None
+
+    def close(self) -> None:
+        """Stop the worker once the pending update is done (from a finalizer: never raises)."""
+        if self._thread is not None:
+            self._jobs.put(None)
+
+    # --- the worker -----------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        while True:
+            job = self._jobs.get()
+            if job is None:
+                return
+            try:
+                self._process(job)
+            except BaseException as exc:  # kept, re-raised on the training thread at its next call
+                self._error = (exc, traceback.format_exc(), job.number)
+            finally:
+                self._read.set()
+                self._idle.set()
+
+    def _process(self, job: _Job) -> None:
+        for device, event in job.ready.items():
+            self.copy_streams[device].wait_event(event)
+        tasks = self.tasks
+        last: dict[torch.device, torch.cuda.Event] = {}
+        staged: list[tuple[Tensor, torch.cuda.Event | None]] = []
+
+        def issue(i: int) -> None:
+            bucket, start, end = tasks[i]
+            size = bucket.param_flat.element_size()
+            buffer = self.staging[i % 2][: (end - start) * size].view(bucket.dtype)
+            if bucket.device.type == "cuda":
+                stream = self.copy_streams[bucket.device]
+                with torch.cuda.stream(stream):
+                    buffer.copy_(bucket.param_flat[start:end], non_blocking=True)
+                    event = last[bucket.device] = stream.record_event()
+                staged.append((buffer, event))
+            else:
+                buffer.copy_(bucket.param_flat[start:end])
+                staged.append((buffer, None))
+            if i == len(tasks) - 1:  # every copy is issued: the params may be written after them
+                self._read_events = dict(last)
+                self._read.set()
+
+        for i in range(min(2, len(tasks))):
+            issue(i)
+        if not tasks:
+            self._read.set()
+        for i, (bucket, start, end) in enumerate(tasks):
+            buffer, event = staged[i]
+            if event is not None:
+                event.synchronize()
+            self._update_chunk(bucket, start, end, buffer, job)
+            staged[i] = (buffer, None)  # drop the event
+            if i + 2 < len(tasks):
+                issue(i + 2)
+
+    def _update_chunk(self, bucket: FlatBucket, start: int, end: int, staged: Tensor, job: _Job) -> None:
+        storage = self.storage
+        backend = storage.backend_of(bucket)
+        w = job.weights64 if bucket.dtype == torch.float64 and job.weights64 is not None else job.weights
+        emas = storage.bucket_emas(bucket)
+        if storage.num_emas > 1:
+            if storage.is_copy_only(bucket):
+                w = torch.ones_like(w)
+            ops.dispatch_update_k([e[start:end] for e in emas], staged, w, None, backend)
+        else:
+            ops.dispatch_update(emas[0][start:end], staged, 1.0 if storage.is_copy_only(bucket) else w, False, backend)

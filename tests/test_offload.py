@@ -1,0 +1,393 @@
+"""The offload and overlap engines (issue #17, sema/offload.py) on the CPU: ``ema_device="cpu"``
+runs the GPU pipeline with CPU params (chunked staging copies and the cpp update on a worker
+thread, threading events in place of CUDA events), and ``overlap=True`` is accepted and runs
+synchronously.
+
+Every comparison is exact (``torch.equal``): the worker runs the same kernel on the same elements
+with the same weights as the synchronous update, only in chunks, and every op is elementwise. The
+reference is a plain ``SwitchEMA`` on the same backend, on an identical model fed the same data.
+Ordering tests make the worker slow on purpose (it waits on a gate) so that a write which the
+ordering does not hold back lands inside the pipeline; a negative control shows such a write
+does leak into the EMA without ``wait()``, so the check can fail.
+"""
+
+from __future__ import annotations
+
+import gc
+import threading
+
+import pytest
+import torch
+from torch import nn
+
+import sema
+from sema import offload
+from sema.offload import OffloadWorkerError
+
+CPP = sema.available_backends("cpu")["cpp"]
+BACKENDS = ["torch", pytest.param("cpp", marks=pytest.mark.skipif(not CPP, reason="sema._C not built"))]
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+
+
+class Net(nn.Module):
+    def __init__(self, dtype: torch.dtype = torch.float32) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(24, 40)
+        self.bn = nn.BatchNorm1d(40)
+        self.fc2 = nn.Linear(40, 17)
+        self.to(dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(torch.relu(self.bn(self.fc1(x))))
+
+
+def twins(seed: int, dtype: torch.dtype = torch.float32) -> tuple[Net, Net]:
+    torch.manual_seed(seed)
+    a = Net(dtype)
+    b = Net(dtype)
+    b.load_state_dict(a.state_dict())
+    return a, b
+
+
+def train(pairs: list[tuple[Net, sema.SwitchEMA]], steps: int, seed: int, dtype: torch.dtype) -> None:
+    """``steps`` AdamW steps of each model on the same batches, ``update()`` after each; the
+    offloaded ones through ``attach``."""
+    opts = []
+    for model, ema in pairs:
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+        ema.attach(opt)
+        opts.append(opt)
+    gen = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        x = torch.randn(16, 24, generator=gen).to(dtype)
+        for (model, ema), opt in zip(pairs, opts, strict=True):
+            opt.zero_grad()
+            model(x).float().square().mean().backward()
+            opt.step()
+            ema.update()
+
+
+def emas_of(state: dict) -> list[dict[str, torch.Tensor]]:
+    return state["ema"] if isinstance(state["ema"], list) else [state["ema"]]
+
+
+def assert_same_state(expected: dict, actual: dict) -> None:
+    for k, (want, got) in enumerate(zip(emas_of(expected), emas_of(actual), strict=True)):
+        assert want.keys() == got.keys()
+        for name in want:
+            w, g = want[name], got[name]
+            assert g.dtype == w.dtype and g.shape == w.shape, name
+            if not torch.equal(w.cpu(), g.cpu()):
+                diff = (w.double().cpu() - g.double().cpu()).abs()
+                raise AssertionError(f"EMA {k} {name}: {int((diff > 0).sum())} elements differ, max {diff.max():.3g}")
+    for name, value in expected["buffers"].items():
+        assert torch.equal(value.cpu(), actual["buffers"][name].cpu()), name
+    for key in ("step", "calls", "epochs", "num_switches"):
+        assert expected[key] == actual[key], key
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"decay": 0.9},
+        {"decay": (0.9, 0.99)},
+        {"decay": 0.95, "warmup": "power", "update_every": 3, "buffers": "ema"},
+        {"decay": 0.9, "switch_every": 7, "copy_only": ["fc2.bias"], "buffers": "copy"},
+        {"decay": 0.9, "update_after_step": 5, "compensate_update_every": False, "update_every": 2},
+    ],
+    ids=["plain", "two-decays", "power-every3-bufema", "switch7-copyonly", "after5-uncompensated"],
+)
+@pytest.mark.parametrize("chunk", [17, 1 << 20], ids=lambda c: f"chunk{c}")
+def test_offload_matches_synchronous_update(backend: str, dtype: torch.dtype, options: dict, chunk: int) -> None:
+    options = {"switch_every": None, **options}
+    if dtype != torch.float32 and options.get("buffers") == "ema":
+        options["buffers"] = "copy"
+    sync_model, off_model = twins(chunk + len(options), dtype)
+    sync = sema.SwitchEMA(sync_model, backend=backend, **options)
+    off = sema.SwitchEMA(off_model, backend=backend, ema_device="cpu", offload_chunk_elements=chunk, **options)
+    assert off.ema_device == torch.device("cpu") and sync.ema_device is None
+    assert off.staging_bytes > 0 and sync.staging_bytes == 0
+    train([(sync_model, sync), (off_model, off)], 30, seed=chunk, dtype=dtype)
+    assert_same_state(sync.state_dict(), off.state_dict())
+    for p, q in zip(sync_model.parameters(), off_model.parameters(), strict=True):
+        assert torch.equal(p, q)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("chunk", [1, 4097], ids=lambda c: f"chunk{c}")
+def test_odd_chunks_and_fp16(dtype: torch.dtype, chunk: int) -> None:
+    sync_model, off_model = twins(chunk, dtype)
+    sync = sema.SwitchEMA(sync_model, decay=0.8, switch_every=None)
+    off = sema.SwitchEMA(off_model, decay=0.8, switch_every=None, ema_device="cpu", offload_chunk_elements=chunk)
+    train([(sync_model, sync), (off_model, off)], 5 if chunk == 1 else 20, seed=chunk, dtype=dtype)
+    assert_same_state(sync.state_dict(), off.state_dict())
+
+
+def test_fp64_params_offload() -> None:
+    sync_model, off_model = twins(3, torch.float64)
+    sync = sema.SwitchEMA(sync_model, decay=0.9, switch_every=None)
+    off = sema.SwitchEMA(off_model, decay=0.9, switch_every=None, ema_device="cpu", offload_chunk_elements=100)
+    train([(sync_model, sync), (off_model, off)], 20, seed=3, dtype=torch.float64)
+    assert_same_state(sync.state_dict(), off.state_dict())
+
+
+def test_staging_is_two_chunks_of_the_widest_dtype() -> None:
+    model = Net()
+    model.fc2.to(torch.bfloat16)
+    ema = sema.SwitchEMA(model, ema_device="cpu", offload_chunk_elements=256)
+    assert ema.staging_bytes == 2 * 256 * 4
+    small = sema.SwitchEMA(Net(), ema_device="cpu", offload_chunk_elements=1 << 30)
+    numel = small.buckets[0].param_flat.numel()
+    assert small.staging_bytes == 2 * numel * 4  # a chunk never exceeds the longest bucket
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_overlap_on_cpu_is_the_synchronous_update(backend: str) -> None:
+    a, b = twins(11)
+    sync = sema.SwitchEMA(a, decay=(0.9, 0.99), switch_every=None, backend=backend)
+    over = sema.SwitchEMA(b, decay=(0.9, 0.99), switch_every=None, backend=backend, overlap=True)
+    train([(a, sync), (b, over)], 25, seed=11, dtype=torch.float32)
+    assert_same_state(sync.state_dict(), over.state_dict())
+
+
+# --- ordering ------------------------------------------------------------------------------------
+
+
+class Gate:
+    """Holds the worker before its ``hold_at``-th chunk update until released."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch, hold_at: int) -> None:
+        self.reached = threading.Event()
+        self.release = threading.Event()
+        self.count = 0
+        original = offload.OffloadEngine._update_chunk
+
+        def gated(engine: offload.OffloadEngine, *args: object) -> None:
+            self.count += 1
+            if self.count == hold_at:
+                self.reached.set()
+                assert self.release.wait(30), "gate never released"
+            original(engine, *args)
+
+        monkeypatch.setattr(offload.OffloadEngine, "_update_chunk", gated)
+
+
+def big_model(seed: int) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(256, 256), nn.Linear(256, 256))  # ~131k params
+
+
+@pytest.mark.parametrize("how", ["attach", "wait"])
+def test_write_after_update_never_leaks(monkeypatch: pytest.MonkeyPatch, how: str) -> None:
+    model = big_model(1)
+    reference = big_model(1)
+    ref = sema.SwitchEMA(reference, decay=0.5, switch_every=None, backend="torch")
+    ema = sema.SwitchEMA(
+        model, decay=0.5, switch_every=None, backend="torch", ema_device="cpu", offload_chunk_elements=1000
+    )
+    opt = torch.optim.SGD(model.parameters(), lr=1.0)
+    if how == "attach":
+        ema.attach(opt)
+    for p, q in zip(model.parameters(), reference.parameters(), strict=True):
+        p.grad = torch.full_like(p, 100.0)
+        with torch.no_grad():
+            noise = torch.randn_like(p)
+            p.add_(noise)
+            q.add_(noise)
+    ref.update()
+    gate = Gate(monkeypatch, hold_at=3)  # two chunks are copied before the first update: hold at the third
+    ema.update()
+    assert gate.reached.wait(30)
+    threading.Timer(0.2, gate.release.set).start()  # the step below must wait for the worker meanwhile
+    if how == "wait":
+        ema.wait()
+        with torch.no_grad():
+            for p in model.parameters():
+                p.sub_(100.0)
+    else:
+        opt.step()  # the attached pre-step hook waits for the copies
+    assert_same_state(ref.state_dict(), ema.state_dict())
+
+
+def test_negative_control_a_racing_write_leaks(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without wait()/attach the write races the copies (documented as undefined): here the worker
+    is held before copying the later chunks, so the write lands in them and the check above sees it."""
+    model = big_model(2)
+    reference = big_model(2)
+    ref = sema.SwitchEMA(reference, decay=0.5, switch_every=None, backend="torch")
+    ema = sema.SwitchEMA(
+        model, decay=0.5, switch_every=None, backend="torch", ema_device="cpu", offload_chunk_elements=1000
+    )
+    ref.update()
+    gate = Gate(monkeypatch, hold_at=1)
+    ema.update()
+    assert gate.reached.wait(30)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.sub_(100.0)
+    gate.release.set()
+    with pytest.raises(AssertionError, match="elements differ"):
+        assert_same_state(ref.state_dict(), ema.state_dict())
+
+
+def test_state_dict_mid_flight_waits_and_is_exact(monkeypatch: pytest.MonkeyPatch) -> None:
+    a, b = big_model(4), big_model(4)
+    sync = sema.SwitchEMA(a, decay=0.7, switch_every=None)
+    off = sema.SwitchEMA(b, decay=0.7, switch_every=None, ema_device="cpu", offload_chunk_elements=4096)
+    sync.update()
+    gate = Gate(monkeypatch, hold_at=5)
+    off.update()
+    assert gate.reached.wait(30)
+    threading.Timer(0.2, gate.release.set).start()
+    assert_same_state(sync.state_dict(), off.state_dict())  # waits for the held update to finish
+
+
+def test_kill_and_resume_is_bit_identical() -> None:
+    options = {"decay": (0.9, 0.999), "warmup": "inverse", "switch_every": None, "buffers": "copy"}
+    straight_model, first_model = twins(21)
+    straight = sema.SwitchEMA(straight_model, **options)
+    first = sema.SwitchEMA(first_model, ema_device="cpu", offload_chunk_elements=300, **options)
+    train([(straight_model, straight), (first_model, first)], 15, seed=5, dtype=torch.float32)
+    saved_state, saved_model = first.state_dict(), {k: v.clone() for k, v in first_model.state_dict().items()}
+    del first, first_model
+    gc.collect()
+    resumed_model = Net()
+    resumed_model.load_state_dict(saved_model)
+    resumed = sema.SwitchEMA(resumed_model, ema_device="cpu", offload_chunk_elements=300, **options)
+    resumed.load_state_dict(saved_state)
+    # The optimizer state is not part of the EMA: restart both optimizers from here.
+    train([(straight_model, straight), (resumed_model, resumed)], 15, seed=6, dtype=torch.float32)
+    assert_same_state(straight.state_dict(), resumed.state_dict())
+
+
+def test_switch_and_swapped_copy_the_host_ema_in() -> None:
+    a, b = twins(8, torch.bfloat16)
+    sync = sema.SwitchEMA(a, decay=0.9, switch_every=None)
+    off = sema.SwitchEMA(b, decay=0.9, switch_every=None, ema_device="cpu", offload_chunk_elements=64)
+    train([(a, sync), (b, off)], 10, seed=8, dtype=torch.bfloat16)
+    live = [p.detach().clone() for p in b.parameters()]
+    with sync.swapped(), off.swapped():
+        for p, q in zip(a.parameters(), b.parameters(), strict=True):
+            assert torch.equal(p, q)  # the fp32 EMA rounded to bf16 the same way
+    for p, q in zip(live, b.parameters(), strict=True):
+        assert torch.equal(p, q)  # restored bit for bit
+    with pytest.raises(sema.SwappedWriteError):
+        with off.swapped():
+            with torch.no_grad():
+                b.fc1.weight.add_(1.0)
+    sync.switch()
+    off.switch()
+    for p, q in zip(a.parameters(), b.parameters(), strict=True):
+        assert torch.equal(p, q)
+
+
+def test_module_view_waits_for_the_update(monkeypatch: pytest.MonkeyPatch) -> None:
+    a, b = big_model(9), big_model(9)
+    sync = sema.SwitchEMA(a, decay=0.5, switch_every=None)
+    off = sema.SwitchEMA(b, decay=0.5, switch_every=None, ema_device="cpu", offload_chunk_elements=4096)
+    teacher = off.module
+    with torch.no_grad():
+        for p, q in zip(a.parameters(), b.parameters(), strict=True):
+            noise = torch.randn_like(p)
+            p.add_(noise)
+            q.add_(noise)
+    sync.update()
+    gate = Gate(monkeypatch, hold_at=4)
+    off.update()
+    assert gate.reached.wait(30)
+    threading.Timer(0.2, gate.release.set).start()
+    assert off.module is teacher  # the property waits for the pending update
+    for p, q in zip(sync.module.parameters(), teacher.parameters(), strict=True):
+        assert torch.equal(p, q)
+
+
+# --- errors --------------------------------------------------------------------------------------
+
+
+def test_worker_error_surfaces_at_the_next_call_until_reset(monkeypatch: pytest.MonkeyPatch) -> None:
+    model = big_model(12)
+    ema = sema.SwitchEMA(model, decay=0.9, switch_every=None, ema_device="cpu", offload_chunk_elements=5000)
+    ema.update()
+    ema.synchronize()
+
+    def broken(*args: object) -> None:
+        raise MemoryError("injected failure in the worker")
+
+    monkeypatch.setattr(offload.ops, "dispatch_update", broken)
+    ema.update()  # returns: the failure happens on the worker
+    for call in (ema.wait, ema.synchronize, ema.update, ema.state_dict, ema.switch):
+        with pytest.raises(OffloadWorkerError, match="injected failure") as info:
+            call()
+        assert "Traceback" in str(info.value) and "broken" in str(info.value)
+        assert isinstance(info.value.__cause__, MemoryError)
+    monkeypatch.undo()
+    ema.reset()  # a defined EMA again: updates go on
+    ema.update()
+    ema.synchronize()
+    assert ema.step == 1
+
+
+def test_worker_error_cleared_by_load_state_dict(monkeypatch: pytest.MonkeyPatch) -> None:
+    model = big_model(13)
+    ema = sema.SwitchEMA(model, decay=0.9, switch_every=None, ema_device="cpu")
+    ema.update()
+    good = ema.state_dict()
+    monkeypatch.setattr(offload.ops, "dispatch_update", lambda *a: 1 / 0)
+    ema.update()
+    with pytest.raises(OffloadWorkerError, match="ZeroDivisionError"):
+        ema.wait()
+    monkeypatch.undo()
+    ema.load_state_dict(good)
+    assert_same_state(good, ema.state_dict())
+
+
+def test_worker_stops_when_the_ema_is_dropped() -> None:
+    before = {t for t in threading.enumerate() if t.name == "sema-offload"}
+    model = big_model(14)
+    ema = sema.SwitchEMA(model, switch_every=None, ema_device="cpu")
+    ema.update()
+    ema.synchronize()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    ema.attach(opt)  # the hook holds the EMA weakly
+    (worker,) = {t for t in threading.enumerate() if t.name == "sema-offload"} - before
+    del ema
+    gc.collect()
+    worker.join(10)
+    assert not worker.is_alive()
+    model[0].weight.grad = torch.zeros_like(model[0].weight)
+    opt.step()  # the hook of a dropped EMA does nothing
+
+
+def test_attach_returns_a_removable_handle() -> None:
+    model = Net()
+    ema = sema.SwitchEMA(model, switch_every=None, ema_device="cpu")
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    handle = ema.attach(opt)
+    assert len(opt._optimizer_step_pre_hooks) == 1
+    handle.remove()
+    assert not opt._optimizer_step_pre_hooks
+    with pytest.raises(TypeError, match=r"torch\.optim\.Optimizer"):
+        ema.attach(model)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"ema_device": "meta"}, ValueError, "host only"),
+        ({"ema_device": "cuda"}, ValueError, "host only"),
+        ({"ema_device": "not-a-device"}, ValueError, "not a device"),
+        ({"ema_device": "cpu", "flatten": False}, ValueError, "flat buckets"),
+        ({"ema_device": "cpu", "offload_chunk_elements": 0}, ValueError, "positive int"),
+        ({"offload_chunk_elements": True}, ValueError, "positive int"),
+        ({"overlap": 1}, TypeError, "overlap must be True or False"),
+    ],
+)
+def test_bad_offload_arguments_leave_the_model_untouched(kwargs: dict, error: type, match: str) -> None:
+    model = Net()
+    before = [(p.data_ptr(), p.detach().clone()) for p in model.parameters()]
+    with pytest.raises(error, match=match):
+        sema.SwitchEMA(model, **kwargs)
+    for (ptr, value), p in zip(before, model.parameters(), strict=True):
+        assert p.data_ptr() == ptr and torch.equal(p, value)
