@@ -252,6 +252,10 @@ def test_matches_peer_at_every_step(kind: str, dtype: torch.dtype, options: str,
             assert in_buckets, "the params never left their buckets: step() should stay on the fused path"
         if pattern == "moved":
             assert not in_buckets, "the params left their buckets: step() must have seen it"
+        staged = pair.ours[backend]._staging is not None
+        assert staged == (pattern in ("copy", "moved")), (
+            f"{pattern}: the staging buffer is {'' if staged else 'not '}used"
+        )
     assert worst["control"][0] > 1.0, f"the negative control (update_after_step one off) matched: {worst['control']}"
 
 
@@ -554,3 +558,22 @@ def test_bad_input_is_refused_before_anything_changes() -> None:
         copy.deepcopy(ours)
     with pytest.raises(TypeError, match="pickled"):
         pickle.dumps(ours)
+
+
+def test_params_of_another_dtype_take_the_multi_tensor_op() -> None:
+    """An fp32 EMA stepped with bf16 params: diffusers promotes to fp32 (``s - w * (s - p)``), sema's
+    multi-tensor op reads the bf16 params into its fp32 lerp; no staging copy (it would round)."""
+    torch.manual_seed(4)
+    master = SmallCNN()
+    live = copy.deepcopy(master).to(torch.bfloat16)
+    peer = Peer(copy.deepcopy(master).parameters(), decay=DECAY)
+    ours = EMAModel(copy.deepcopy(master).parameters(), decay=DECAY)
+    for _ in range(6):
+        with torch.no_grad():
+            for p in live.parameters():
+                p.add_(torch.randn_like(p) * 0.05)
+        peer.step(live.parameters())
+        ours.step(live.parameters())
+    assert ours._staging is None
+    assert all(s.dtype == torch.float32 for s in ours.shadow_params)
+    assert_close_to_peer(ours.shadow_params, peer.shadow_params)

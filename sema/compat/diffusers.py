@@ -8,9 +8,14 @@ same ``state_dict()`` format both ways, and the same ``save_pretrained``/``from_
 
 How it runs: the params given at construction are moved into flat buckets (one per device and
 dtype; the ``Parameter`` objects stay the same, see ``sema.SwitchEMA``) beside one flat EMA buffer
-each. ``step(params)`` with those same params is one fused ``lerp`` pass per bucket; any other list
-(for instance the training model's params when the EMA was built from a separate copy) is one
-multi-tensor launch over the EMA views and that list.
+each. ``step(params)`` with those same params is one fused ``lerp`` pass per bucket. Another list
+of the same shapes, dtypes and devices (the training model's params when the EMA was built from a
+separate copy, as diffusers' example scripts do; or ours after ``model.to()`` moved them out of the
+buckets) is copied into a staging buffer laid out like the buckets (one multi-tensor copy; the
+buffer, as large as the params, is allocated at the first such step and kept), then the same fused
+pass runs: the result is bit for bit the fused path's. Any other list takes sema's checked
+multi-tensor op. Building the EMA from the training model's own params (``EMAModel(
+unet.parameters())``) needs neither the copy nor the staging buffer, nor the separate model copy.
 
 What differs from diffusers (each raises with the reason, never silently):
 
@@ -50,6 +55,9 @@ from sema.buckets import BucketMovedError
 from sema.switch_ema import SwitchEMA
 
 _requires_grad = operator.attrgetter("requires_grad")
+_shape = operator.attrgetter("shape")
+_dtype = operator.attrgetter("dtype")
+_device = operator.attrgetter("device")
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
@@ -145,6 +153,11 @@ class EMAModel:
         self._ema = ema
         self._in_buckets = True  # params still where the buckets put them (else: the list path)
         self._devices = sorted({e.device for e in self._views}, key=str)
+        self._shapes = list(map(_shape, self._params))
+        self._dtypes = list(map(_dtype, self._params))
+        self._param_devices = list(map(_device, self._params))
+        self._staging: list[tuple[Any, Tensor]] | None = None  # built on the first step() with other params
+        self._staging_views: list[Tensor] = []
 
     def __deepcopy__(self, memo: dict) -> EMAModel:
         raise TypeError(
@@ -207,8 +220,8 @@ class EMAModel:
     @torch.no_grad()
     def step(self, parameters: Iterable[nn.Parameter]) -> None:
         """``ema <- lerp(ema, param, 1 - decay)`` for each param with ``requires_grad``, a copy
-        for the others. The params this EMA was built from: one fused pass per bucket; any
-        other list: one multi-tensor launch per device."""
+        for the others. The params this EMA was built from: one fused pass per bucket; another
+        list: a copy into a staging buffer, then the same pass (see the module docstring)."""
         if isinstance(parameters, nn.Module):
             _deprecated(
                 "module",
@@ -219,12 +232,16 @@ class EMAModel:
         params = self._given(parameters, "step")
         decay = self.get_decay(self.optimization_step + 1)
         w = 1 - decay
+        storage = self._ema.storage
         if self._fused(params):
-            self._ema.storage.update_({d: self._weight(d, w) for d in self._devices}, switch=False)
+            storage.update_({d: self._weight(d, w) for d in self._devices}, switch=False)
+        elif self._staged(params):
+            for bucket, staging in self._staging:
+                weight = self._weight(bucket.device, w)
+                ops.dispatch_update(bucket.ema_flat, staging, weight, False, storage.backend_of(bucket))
         else:
-            backends = self._ema.storage.backends
             for device, (views, given) in self._by_device(params).items():
-                ops.ema_update_multi_(views, given, self._weight(device, w), backend=backends[device])
+                ops.ema_update_multi_(views, given, self._weight(device, w), backend=storage.backends[device])
         if not all(map(_requires_grad, params)):
             frozen = [(e, p) for e, p in zip(self._views, params, strict=True) if not p.requires_grad]
             torch._foreach_copy_([e for e, _ in frozen], [p for _, p in frozen])
@@ -361,6 +378,30 @@ class EMAModel:
         except BucketMovedError:
             self._in_buckets = False  # moved for good (model.to(), .half(), ...): the list path from now
             return False
+        return True
+
+    def _staged(self, params: list[nn.Parameter]) -> bool:
+        """Copy ``params`` (another list, or ours moved out of the buckets) into a staging buffer
+        laid out like the buckets, so the fused op runs on it; False where that cannot hold them
+        as they are (other shapes, dtypes or devices than the params this EMA was built from:
+        those take the checked multi-tensor op)."""
+        storage = self._ema.storage
+        if storage.tensor_groups or not (
+            list(map(_shape, params)) == self._shapes
+            and list(map(_dtype, params)) == self._dtypes
+            and list(map(_device, params)) == self._param_devices
+        ):
+            return False
+        if self._staging is None:
+            self._staging = [(b, torch.zeros_like(b.param_flat)) for b in storage.buckets]
+            staged = {}
+            for bucket, staging in self._staging:
+                for i, p in enumerate(bucket.params):
+                    view = bucket.ema_view(i)
+                    offset = view.storage_offset() - bucket.ema_flat.storage_offset()
+                    staged[id(p)] = staging.as_strided(view.shape, view.stride(), offset)
+            self._staging_views = [staged[id(p)] for p in self._params]
+        torch._foreach_copy_(self._staging_views, params)
         return True
 
     def _by_device(self, params: list[nn.Parameter]) -> dict[torch.device, tuple[list[Tensor], list[Tensor]]]:
