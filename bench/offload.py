@@ -322,6 +322,8 @@ def measure_train(config: str, options: dict, args: argparse.Namespace, device: 
     allocated_before = torch.cuda.memory_allocated() if cuda else None
     ema = None
     if config != "none":
+        if "ema_device" in options and args.offload_chunk:
+            options = {**options, "offload_chunk_elements": args.offload_chunk}
         ema = sema.SwitchEMA(model, decay=0.999, switch_every=None, **options)
     ema_gpu_bytes = torch.cuda.memory_allocated() - allocated_before if cuda else None
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, **({"fused": True} if cuda else {"foreach": True}))
@@ -339,7 +341,11 @@ def measure_train(config: str, options: dict, args: argparse.Namespace, device: 
             if timed:
                 update_host_us.append((time.perf_counter() - start) * 1e6)
 
+    # Any window of a multiple of update_every steps holds as many updates as steps that wait for
+    # one (the step after an update waits for its copies): a steady-state average.
     every = options.get("update_every", 1)
+    if args.steps % every:
+        print(f"bench/offload.py: {args.steps} steps is no multiple of update_every={every}: {config}'s mean is skewed")
     for _ in range(max(args.warmup, every)):  # at least one update before the timed steps
         step(False)
     if cuda:
@@ -369,6 +375,7 @@ def measure_train(config: str, options: dict, args: argparse.Namespace, device: 
         "peak_bytes": peak,
         "staging_bytes": ema.staging_bytes if ema is not None else 0,
         "steps": args.steps,
+        "warmup": max(args.warmup, every),
     }
     if handle is not None:
         handle.remove()
@@ -421,13 +428,14 @@ def print_tables(result: dict) -> None:
         print_train(result["train"], result["train_model"])
 
 
+def parse_int(text: str) -> int:
+    """'2**20' or '1048576'."""
+    base, _, exponent = text.strip().partition("**")
+    return int(base) ** int(exponent) if exponent else int(base)
+
+
 def parse_ints(text: str) -> list[int]:
-    """'2**18,2**20' or '262144,1048576'."""
-    out = []
-    for item in text.split(","):
-        base, _, exponent = item.strip().partition("**")
-        out.append(int(base) ** int(exponent) if exponent else int(base))
-    return out
+    return [parse_int(item) for item in text.split(",")]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -451,6 +459,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, help="timed steps (a multiple of 16 keeps update_every=16 fair)")
     parser.add_argument("--warmup", type=int)
     parser.add_argument("--configs", help="none,plain,overlap,offload1,offload4,offload16 (default: all)")
+    parser.add_argument("--offload-chunk", type=parse_int, help="offload_chunk_elements of the training part")
     parser.add_argument("--json", type=Path)
     parser.add_argument("--text", type=Path, help="also write the tables to this file")
     parser.add_argument("--table", type=Path, help="print the tables of a saved --json run, nothing else")
