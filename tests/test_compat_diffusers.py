@@ -577,3 +577,25 @@ def test_params_of_another_dtype_take_the_multi_tensor_op() -> None:
     assert ours._staging is None
     assert all(s.dtype == torch.float32 for s in ours.shadow_params)
     assert_close_to_peer(ours.shadow_params, peer.shadow_params)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_staged_step_is_bit_for_bit_the_fused_step(dtype: torch.dtype) -> None:
+    """Another model's params go through the staging buffer, then the same fused op: the same bits
+    as stepping the params the EMA was built from. The staging views are NaN-poisoned between
+    steps, so a slot the copy missed would show."""
+    torch.manual_seed(5)
+    live = SmallTransformer().to(dtype)
+    fused = EMAModel(live.parameters(), decay=DECAY, use_ema_warmup=True)
+    staged = EMAModel(copy.deepcopy(live).parameters(), decay=DECAY, use_ema_warmup=True)
+    for _ in range(5):
+        with torch.no_grad():
+            for p in live.parameters():
+                p.add_(torch.randn_like(p) * 0.05)
+        fused.step(live.parameters())
+        staged.step(live.parameters())
+        assert staged._staging is not None and fused._staging is None
+        with torch.no_grad():
+            for v in staged._staging_views:
+                v.fill_(float("nan"))
+    assert_equal(staged.shadow_params, fused.shadow_params, "staged vs fused shadows")
