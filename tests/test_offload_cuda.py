@@ -200,6 +200,28 @@ def test_update_returns_while_the_gpu_is_busy_and_reads_the_params_after_earlier
     assert_same_ema(ema_of(ema), ema_of(ref), "after one update behind a busy stream")
 
 
+def test_the_staging_copies_leave_the_current_stream_free():
+    """The copies run on a side stream: right after update() the current stream is drained at
+    once, while the update (256 MiB through two staging chunks and the cpp kernel) takes far
+    longer. Copies on the current stream would hold it for about the whole update."""
+    n = 2**26
+    model = params_model([(n,)], torch.float32, "cuda", seed=9)
+    ema = sema.SwitchEMA(model, switch_every=None, ema_device="cpu", offload_chunk_elements=2**20)
+    ema.update()
+    ema.synchronize()
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    ema.update()
+    mark = event()
+    mark.synchronize()  # the current stream's work so far
+    stream_ms = (time.perf_counter() - start) * 1e3
+    ema.synchronize()
+    update_ms = (time.perf_counter() - start) * 1e3
+    assert update_ms > 4 * stream_ms, (
+        f"the current stream was busy for {stream_ms:.2f} ms of a {update_ms:.2f} ms offloaded update"
+    )
+
+
 @pytest.mark.parametrize("update_every", [1, 3])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_offload_matches_the_synchronous_cpp_update_of_a_cpu_copy(dtype, update_every):
