@@ -61,7 +61,7 @@ _device = operator.attrgetter("device")
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
-def _deprecated(what: str, message: str) -> None:
+def _deprecated(message: str) -> None:
     # diffusers' deprecate(..., standard_warn=False): the message alone, as a FutureWarning.
     warnings.warn(message, FutureWarning, stacklevel=3)
 
@@ -110,17 +110,16 @@ class EMAModel:
     ) -> None:
         if isinstance(parameters, nn.Module):
             _deprecated(
-                "module",
                 "Passing a `torch.nn.Module` to `ExponentialMovingAverage` is deprecated. "
                 "Please pass the parameters of the module instead.",
             )
             parameters = parameters.parameters()
             use_ema_warmup = True  # diffusers' backward compatibility for a module
         if kwargs.get("max_value") is not None:
-            _deprecated("max_value", "The `max_value` argument is deprecated. Please use `decay` instead.")
+            _deprecated("The `max_value` argument is deprecated. Please use `decay` instead.")
             decay = kwargs["max_value"]
         if kwargs.get("min_value") is not None:
-            _deprecated("min_value", "The `min_value` argument is deprecated. Please use `min_decay` instead.")
+            _deprecated("The `min_value` argument is deprecated. Please use `min_decay` instead.")
             min_decay = kwargs["min_value"]
         params = list(parameters)
         _check_params(params)
@@ -143,7 +142,7 @@ class EMAModel:
         self.model_cls = model_cls
         self.model_config = model_config
         if kwargs.get("device") is not None:
-            _deprecated("device", "The `device` argument is deprecated. Please use `to` instead.")
+            _deprecated("The `device` argument is deprecated. Please use `to` instead.")
             self.to(device=kwargs["device"])
 
     def _adopt(self, ema: SwitchEMA) -> None:
@@ -224,7 +223,6 @@ class EMAModel:
         list: a copy into a staging buffer, then the same pass (see the module docstring)."""
         if isinstance(parameters, nn.Module):
             _deprecated(
-                "module",
                 "Passing a `torch.nn.Module` to `ExponentialMovingAverage.step` is deprecated. "
                 "Please pass the parameters of the module instead.",
             )
