@@ -632,9 +632,16 @@ class SwitchEMA:
         """Make every ``optimizer.step()`` first :meth:`wait` for the pending update to have read
         the params (a pre-step hook; returns its handle). Needed with ``ema_device="cpu"`` and
         ``overlap=True``, harmless otherwise."""
-        if not isinstance(optimizer, torch.optim.Optimizer):
+        # Wrappers that subclass Optimizer without its state (accelerate's AcceleratedOptimizer) step
+        # the optimizer they hold: the hook goes there.
+        inner = optimizer
+        while not hasattr(inner, "_optimizer_step_pre_hooks") and isinstance(
+            getattr(inner, "optimizer", None), torch.optim.Optimizer
+        ):
+            inner = inner.optimizer
+        if not isinstance(inner, torch.optim.Optimizer) or not hasattr(inner, "_optimizer_step_pre_hooks"):
             raise TypeError(f"SwitchEMA.attach: expected a torch.optim.Optimizer, got {type(optimizer).__name__}")
-        return optimizer.register_step_pre_hook(_WaitBeforeStep(self))
+        return inner.register_step_pre_hook(_WaitBeforeStep(self))
 
     def wait(self) -> None:
         """Return once the pending update has read the params, so they may be written: with

@@ -13,6 +13,7 @@ from conftest import assert_bits_equal
 from torch import nn
 
 from sema.integrations import check_callback_args, ensure_ema, placement_intact
+from sema.switch_ema import SwitchEMA
 
 try:
     import lightning.pytorch as pl
@@ -122,14 +123,30 @@ class EmaOracle(Callback):
 
 
 @requires_lightning
-@pytest.mark.parametrize("precision, accumulate", [("32-true", 1), ("bf16-true", 2)], ids=["fp32", "bf16-accumulate2"])
-def test_fit_updates_per_optimizer_step_and_switches_every_epoch(tmp_path, precision, accumulate):
+@pytest.mark.parametrize(
+    "precision, accumulate, offload",
+    [("32-true", 1, False), ("bf16-true", 2, False), ("bf16-true", 1, True)],
+    ids=["fp32", "bf16-accumulate2", "bf16-offload"],
+)
+def test_fit_updates_per_optimizer_step_and_switches_every_epoch(tmp_path, precision, accumulate, offload):
     model = TinyRegressor()
-    callback = SwitchEMACallback(decay=DECAY)
+    callback = SwitchEMACallback(decay=DECAY, **({"ema_device": "cpu", "offload_chunk_elements": 7} if offload else {}))
     oracle = EmaOracle(callback, DECAY)
     trainer = make_trainer(tmp_path, [callback, oracle], precision=precision, accumulate_grad_batches=accumulate)
     train, val = loaders()
-    trainer.fit(model, train, val)
+    attached = []
+    original = SwitchEMA.attach
+
+    def counted(ema, optimizer):
+        attached.append(optimizer)
+        return original(ema, optimizer)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(SwitchEMA, "attach", counted)
+        trainer.fit(model, train, val)
+    assert attached == trainer.optimizers  # each optimizer step waits for the update to have read the params
+    assert not callback._attached  # the hooks are gone after fit
+    assert (callback.ema.ema_device is not None) == offload
     assert oracle.epoch_checks == 3
     assert trainer.global_step == 3 * -(-len(train) // accumulate)
     param_dtype = torch.float32 if precision == "32-true" else torch.bfloat16

@@ -16,6 +16,7 @@ transformers = pytest.importorskip(
 pytest.importorskip("accelerate", reason="accelerate is not installed (transformers.Trainer needs it)")
 
 from sema.integrations.transformers import EMA_STATE_NAME, SwitchEMACallback  # noqa: E402
+from sema.switch_ema import SwitchEMA  # noqa: E402
 
 DECAY = 0.8
 SAMPLES, SEQ, BATCH, ACCUMULATE = 48, 8, 8, 2  # 6 batches, 3 optimizer steps per epoch
@@ -117,14 +118,28 @@ class EmaOracle(transformers.TrainerCallback):
         self.epoch_checks += 1
 
 
-def test_train_updates_per_optimizer_step_and_switches_every_epoch(tmp_path):
+@pytest.mark.parametrize("offload", [False, True], ids=["plain", "offload"])
+def test_train_updates_per_optimizer_step_and_switches_every_epoch(tmp_path, offload):
     model = tiny_bert(seed=0)
-    callback = SwitchEMACallback(decay=DECAY)
+    offloaded = {"ema_device": "cpu", "offload_chunk_elements": 999} if offload else {}
+    callback = SwitchEMACallback(decay=DECAY, **offloaded)
     oracle = EmaOracle(callback)
     trainer = make_trainer(tmp_path, model, [callback, oracle])
-    trainer.train()
+    attached = []
+    original = SwitchEMA.attach
+
+    def counted(ema, optimizer):
+        attached.append(optimizer)
+        return original(ema, optimizer)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(SwitchEMA, "attach", counted)
+        trainer.train()
     assert oracle.epoch_checks == 2
     assert trainer.state.global_step == 2 * STEPS_PER_EPOCH
+    assert attached == [trainer.optimizer]  # each optimizer step waits for the update to have read the params
+    assert not callback._attached
+    assert (callback.ema.ema_device is not None) == offload
 
 
 class EvaluationProbe(transformers.TrainerCallback):

@@ -111,6 +111,7 @@ class SwitchEMACallback(pl.Callback):
         self.ema: SwitchEMA | None = None
         self._pending_state: dict[str, Any] | None = None
         self._last_global_step = 0
+        self._attached: list[Any] = []
         self._swap = EvaluationSwap()
 
     def _index(self, name: str) -> int | None:
@@ -158,6 +159,14 @@ class SwitchEMACallback(pl.Callback):
         # callback state after ``on_fit_start``; it is loaded here.
         self._build(pl_module)
         self._last_global_step = trainer.global_step
+        # ema_device='cpu' or overlap=True: each optimizer step waits for the update to have read the params.
+        self._detach()
+        self._attached = [self.ema.attach(opt) for opt in trainer.optimizers]
+
+    def _detach(self) -> None:
+        for handle in self._attached:
+            handle.remove()
+        self._attached = []
 
     # --- training --------------------------------------------------------------------------
 
@@ -173,6 +182,7 @@ class SwitchEMACallback(pl.Callback):
             log_switch("Lightning", self.ema)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._detach()
         self._swap.end()
         if self.switch_at_end:
             self.ema.switch()

@@ -121,6 +121,12 @@ class SwitchEMACallback(TrainerCallback):
         self.ema: SwitchEMA | None = None
         self._swap = EvaluationSwap()
         self._armed: torch.utils.hooks.RemovableHandle | None = None
+        self._attached: list[torch.utils.hooks.RemovableHandle] = []
+
+    def _detach(self) -> None:
+        for handle in self._attached:
+            handle.remove()
+        self._attached = []
 
     # --- building and resuming -------------------------------------------------------------
 
@@ -130,12 +136,17 @@ class SwitchEMACallback(TrainerCallback):
         state: TrainerState,
         control: TrainerControl,
         model: nn.Module | None = None,
+        optimizer: torch.optim.Optimizer | None = None,
         **kwargs: Any,
     ) -> None:
         if model is None:
             raise RuntimeError("SwitchEMACallback: the trainer passed no model to on_train_begin")
         self._end_evaluation_swap()
         self.ema = ensure_ema(self.ema, model, self.ema_kwargs)
+        # ema_device='cpu' or overlap=True: each optimizer step waits for the update to have read the params.
+        self._detach()
+        if optimizer is not None:
+            self._attached = [self.ema.attach(optimizer)]
         if state.global_step > 0:  # a resumed run: the trainer state came from a checkpoint
             self.ema.load_state_dict(self._load_resume_state(args, state))
         if getattr(args, "eval_on_start", False):  # the trainer evaluates right after this event
@@ -193,6 +204,7 @@ class SwitchEMACallback(TrainerCallback):
     def on_train_end(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
     ) -> None:
+        self._detach()
         self._end_evaluation_swap()
         if not self.switch_at_end:
             return
