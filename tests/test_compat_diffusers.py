@@ -483,6 +483,9 @@ def test_to_moves_or_recasts_what_it_can_and_refuses_the_rest() -> None:
     expected = [v.float() for v in views]
     ours.to(dtype=torch.float32)
     assert_equal(ours.shadow_params, expected, "shadows after to(dtype=float32)")
+    fp32_views = ours.shadow_params
+    ours.to("cpu")  # keeps the fp32 EMA of the bf16 params: no dtype= means no cast
+    assert all(a is b for a, b in zip(fp32_views, ours.shadow_params, strict=True))
     ours.shadow_params = values = [torch.randn_like(s) for s in ours.shadow_params]
     ours.to(dtype=torch.bfloat16)  # back: rounds to nearest even, as diffusers' tensor.to() does
     assert_equal(ours.shadow_params, [v.to(torch.bfloat16) for v in values], "shadows after to(dtype=bfloat16)")

@@ -125,7 +125,6 @@ class EMAModel:
         _check_params(params)
         self._params = params
         self._ema = _build(params, None)
-        self._ema_dtype: torch.dtype | None = None
         self._adopt(self._ema)
         self._weights: dict[torch.device, tuple[float, Tensor]] = {}
 
@@ -282,7 +281,9 @@ class EMAModel:
             target = torch.device("cuda", torch.cuda.current_device())
         if dtype is not None and not isinstance(dtype, torch.dtype):
             raise TypeError(f"EMAModel.to: dtype must be a torch.dtype, got {dtype!r}")
-        ema_dtype = self._ema_dtype if dtype is None else _ema_dtype_for(self._params, [dtype] * len(self._params))
+        # Without dtype= the EMA keeps its dtypes (even where the params changed theirs since).
+        wanted = [dtype] * len(self._views) if dtype is not None else list(map(_dtype, self._views))
+        ema_dtype = _ema_dtype_for(self._params, wanted)
         moving = target is not None and any(e.device != target for e in self._views)
         if moving:
             elsewhere = [i for i, p in enumerate(self._params) if p.device != target]
@@ -294,7 +295,7 @@ class EMAModel:
                     "from params already on that device. An EMA on another device than its params (CPU offload) "
                     "needs sema.SwitchEMA(ema_device=...), not in this drop-in yet"
                 )
-        if moving or ema_dtype != self._ema_dtype:
+        if moving or list(map(_dtype, self._views)) != wanted:
             self._rebuild(ema_dtype)
 
     def state_dict(self) -> dict:
@@ -427,7 +428,6 @@ class EMAModel:
         with torch.no_grad():
             for p, e in zip(self._params, old, strict=True):
                 view_of[id(p)].copy_(e)
-        self._ema_dtype = ema_dtype
         self._adopt(ema)
         self._weights = {}
 
@@ -452,7 +452,7 @@ class EMAModel:
         return _ema_dtype_for(self._params, [s.dtype for s in shadow])
 
     def _copy_shadow(self, shadow: list[Tensor], ema_dtype: torch.dtype | None) -> None:
-        if ema_dtype != self._ema_dtype:
+        if list(map(_dtype, self._views)) != list(map(_dtype, shadow)):
             self._rebuild(ema_dtype)
         with torch.no_grad():
             for e, s in zip(self._views, shadow, strict=True):
