@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import copy
 import operator
+import warnings
 import weakref
 from collections.abc import Sequence
 from typing import Any
@@ -151,6 +152,10 @@ class ModelEmaV3(nn.Module):
         self._verified: weakref.WeakSet[nn.Module] = weakref.WeakSet()
         self._verified_at = registrations()
         self._plans: dict[bool, _Plan] = {}
+        _warn_tied_mixed(self.module, model, foreach, exclude_buffers, stochastic_rounding)
+        # The slices above hold references to the bucket storages: count them in the baseline that
+        # the placement guard's O(buckets) check compares with.
+        storage.remember_placement()
 
     # --- timm's API -------------------------------------------------------------------------
 
@@ -463,6 +468,41 @@ class _Slots:
         if not all(map(operator.is_, map(dict.get, self._dicts, self._keys), self._tensors)):
             return True
         return list(map(Tensor.data_ptr, self._tensors)) != self._ptrs
+
+
+class TiedWeightWarning(UserWarning):
+    """A weight held under several names whose EMA dtype differs from the model's: timm's
+    ``foreach=True`` path gives it no average there (see :func:`_warn_tied_mixed`)."""
+
+
+def _warn_tied_mixed(
+    module: nn.Module, model: nn.Module, foreach: bool, exclude_buffers: bool, stochastic_rounding: bool
+) -> None:
+    """timm averages each ``state_dict`` name, so a tied weight is updated once per name. With
+    ``foreach=True`` and an EMA dtype other than the model's, timm runs ``_foreach_mul_`` over
+    all names and then ``_foreach_add_``: a weight under two names becomes ``e (1 - w)**2 + 2 w m``,
+    which is no average (and its CUDA kernels race on the repeated tensor). sema lerps once per
+    name, as timm's ``foreach=False`` path and its same-dtype path do: said here, not silently."""
+    if not foreach or exclude_buffers:
+        return
+    seen: dict[int, int] = {}
+    ours = module.state_dict(keep_vars=True)
+    theirs = list(model.state_dict(keep_vars=True).values())
+    tied = []
+    for (name, e), m in zip(ours.items(), theirs, strict=True):
+        seen[id(e)] = seen.get(id(e), 0) + 1
+        sr = stochastic_rounding and e.dtype == torch.bfloat16
+        if seen[id(e)] > 1 and e.is_floating_point() and e.dtype != m.dtype and not sr:
+            tied.append(name)
+    if tied:
+        warnings.warn(
+            f"ModelEmaV3: {', '.join(tied)} hold(s) a weight tied to another name, with an EMA dtype other than the "
+            "model's. timm's foreach path updates such a weight as e * (1 - w)**2 + 2 * w * m (not an average); "
+            "sema lerps it once per name, as timm does with foreach=False, so the two differ there. Pass "
+            "foreach=False to timm to compare them",
+            TiedWeightWarning,
+            stacklevel=3,
+        )
 
 
 def _check_pairs(ours: list[Tensor], theirs: list[Tensor], where: str) -> None:
