@@ -69,10 +69,12 @@ _GONE = (
 
 
 def _peer_update_(emas: list[Tensor], params: list[Tensor], w: float) -> None:
-    """torch_ema's update, ``s -= (s - p) * w``, rounding where it rounds."""
-    tmp = torch._foreach_sub(emas, params)
-    torch._foreach_mul_(tmp, w)
-    torch._foreach_sub_(emas, tmp)
+    """torch_ema's update, ``s -= (s - p) * w``, rounding where it rounds: one tensor at a time,
+    since ``torch._foreach_mul_`` rounds a bf16 product differently from ``Tensor.mul_``."""
+    for e, p in zip(emas, params, strict=True):
+        tmp = e - p
+        tmp.mul_(w)
+        e.sub_(tmp)
 
 
 class ExponentialMovingAverage:
@@ -115,7 +117,10 @@ class ExponentialMovingAverage:
         self._backend = backend
         self._params = params
         first: dict[int, int] = {}
-        self._duplicates = [(first.setdefault(id(p), j), j) for j, p in enumerate(params) if id(p) in first]
+        self._duplicates: list[tuple[int, int]] = []  # (first position, later position) of one param
+        for j, p in enumerate(params):
+            if first.setdefault(id(p), j) != j:
+                self._duplicates.append((first[id(p)], j))
         self._stored: tuple[list[Tensor], list[tuple[Tensor, Tensor]]] | None = None
         self._ema: SwitchEMA | None = None
         self._build(None, None)
