@@ -480,9 +480,25 @@ def test_reassigned_buffer_is_followed() -> None:
     theirs.update(b)
     for m in (a, b):
         m.bn1.running_mean = torch.full((6,), 3.0)  # a new tensor in the slot: timm reads it
+        m.bn2.running_var.data = torch.full((8,), 2.0)  # new memory under the same tensor
+        m.gain.data = torch.full((4,), 0.5)  # a frozen param's memory replaced
     ours.update(a)
     theirs.update(b)
     assert_same_state(ours.state_dict(), theirs.state_dict())
+
+
+def test_attributes_changed_after_construction_take_effect() -> None:
+    """timm reads decay, foreach, stochastic_rounding and exclude_buffers at every call."""
+    a, ours, b, theirs = make_pair(SmallCNN, torch.bfloat16, decay=0.9)
+    for step, (attr, value) in enumerate(
+        [("stochastic_rounding", False), ("decay", 0.5), ("exclude_buffers", True), ("stochastic_rounding", True)]
+    ):
+        setattr(ours, attr, value)
+        setattr(theirs, attr, value)
+        perturb(a, b, seed=step)
+        ours.update(a)
+        theirs.update(b)
+        assert_same_state(ours.state_dict(), theirs.state_dict(), rel=0.0)
 
 
 def test_copy_and_pickle_are_refused() -> None:

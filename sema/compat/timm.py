@@ -44,6 +44,8 @@ from sema import ops
 from sema.storage import PlacementGuard, registrations
 from sema.switch_ema import SwitchEMA
 
+_storage_use_count = getattr(torch._C, "_storage_Use_Count", None)
+
 # timm's chunk bound for stochastic rounding (``_lerp_stochastic_round_bf16_``): the random draws
 # follow the chunks, so the same bound gives the same bits.
 SR_CHUNK_NUMEL = 2**22
@@ -147,15 +149,20 @@ class ModelEmaV3(nn.Module):
             backend_name = storage.backend_of(group)
             for p, e, v in zip(group.params, group.emas, group.views, strict=True):
                 self._tracked[id(view_of[id(p)])] = (ops.dense_view(e), ops.dense_view(v), backend_name)
-        self._module_slots = _Slots(self.module)
-        self._model_slots = _Slots(model)
+        views = [v for v in self.module.parameters() if id(v) in self._tracked]
+        flats = [b.ema_flat for b in storage.buckets]
+        # The module's slots, and its params over the EMA buckets (which must stay there); the live
+        # model's buffer slots (a buffer re-assigned there is followed, as timm reads state_dict()).
+        self._module_slots = _Slots(self.module, buffers=True, views=views, storages=flats)
+        self._model_slots = _Slots(model, buffers=False)
         self._verified: weakref.WeakSet[nn.Module] = weakref.WeakSet()
         self._verified_at = registrations()
-        self._plans: dict[bool, _Plan] = {}
+        self._plans: dict[tuple[bool, bool, bool], _Plan] = {}
         _warn_tied_mixed(self.module, model, foreach, exclude_buffers, stochastic_rounding)
         # The slices above hold references to the bucket storages: count them in the baseline that
         # the placement guard's O(buckets) check compares with.
         storage.remember_placement()
+        self._module_slots.remember()
 
     # --- timm's API -------------------------------------------------------------------------
 
@@ -278,10 +285,12 @@ class ModelEmaV3(nn.Module):
             self._placement.check("update", hot=True)
             if self._model_slots.changed():  # a buffer re-assigned in the live model: follow it, as timm does
                 self._plans.clear()
-                self._model_slots = _Slots(self._model)
-            plan = self._plans.get(buffers)
+                self._model_slots = _Slots(self._model, buffers=False)
+            # timm reads foreach and stochastic_rounding at every call: so does the plan's key.
+            key = (buffers, self.foreach, self.stochastic_rounding)
+            plan = self._plans.get(key)
             if plan is None:
-                plan = self._plans[buffers] = self._plan(self._model, buffers, fused=True)
+                plan = self._plans[key] = self._plan(self._model, buffers, fused=True)
         else:
             plan = self._plan(model, buffers, fused=False)
         plan.run(w, self)
@@ -324,8 +333,9 @@ class _Plan:
         self.repeats: list[tuple[Tensor, Tensor, str]] = []
         passes: list[list[tuple[Tensor, Tensor]]] = []
         seen: dict[int, int] = {}
-        for entry, m, average in entries:
-            e, m = entry.detach(), m.detach()
+        # The tensors themselves, not detached aliases: a live buffer or frozen param whose .data is
+        # re-assigned is then followed (updates run under no_grad).
+        for e, m, average in entries:
             if not average:
                 self.copies[0].append(e)
                 self.copies[1].append(m)
@@ -333,8 +343,8 @@ class _Plan:
             if sr and e.dtype == torch.bfloat16:
                 self.sr_pairs.append((e, m))
                 continue
-            count = seen[id(entry)] = seen.get(id(entry), 0) + 1
-            slot = tracked.get(id(entry))
+            count = seen[id(e)] = seen.get(id(e), 0) + 1
+            slot = tracked.get(id(e))
             if slot is not None:
                 if count > 1:
                     self.repeats.append(slot)
@@ -448,26 +458,51 @@ def _lerp_stochastic_round_bf16_(
 
 
 class _Slots:
-    """The tensors a module tree holds in its ``_parameters`` / ``_buffers`` slots, and their data
-    pointers: ``changed()`` is one C-level pass (no Python loop per tensor)."""
+    """The tensors a module tree holds in its ``_parameters`` (and, with ``buffers``, ``_buffers``)
+    slots: ``changed()`` is one C-level identity pass, no Python loop per tensor. ``views``, the
+    tensors whose memory must not move (the module's params over the EMA buckets), are also
+    checked by data pointer: on one call in ``FULL_CHECK_EVERY``, and on every call where a
+    storage they live in lost or gained a reference (``storages``: O(buckets), as the placement
+    guard of sema.storage does for the params)."""
 
-    def __init__(self, module: nn.Module) -> None:
+    FULL_CHECK_EVERY = 64
+
+    def __init__(
+        self, module: nn.Module, buffers: bool, views: Sequence[Tensor] = (), storages: Sequence[Tensor] = ()
+    ) -> None:
         slots = [
             (table, key, t)
             for m in module.modules()
-            for table in (m._parameters, m._buffers)
+            for table in ((m._parameters, m._buffers) if buffers else (m._buffers,))
             for key, t in table.items()
             if t is not None
         ]
         self._dicts = [d for d, _, _ in slots]
         self._keys = [k for _, k, _ in slots]
         self._tensors = [t for _, _, t in slots]
-        self._ptrs = list(map(Tensor.data_ptr, self._tensors))
+        self._views = list(views)
+        self._ptrs = list(map(Tensor.data_ptr, self._views))
+        self._storages = [t.untyped_storage() for t in storages]
+        self._calls = 0
+        self.remember()
+
+    def _use_counts(self) -> list[int] | None:
+        if _storage_use_count is None:
+            return None
+        return [_storage_use_count(s._cdata) for s in self._storages]
+
+    def remember(self) -> None:
+        self._counts = self._use_counts()
 
     def changed(self) -> bool:
         if not all(map(operator.is_, map(dict.get, self._dicts, self._keys), self._tensors)):
             return True
-        return list(map(Tensor.data_ptr, self._tensors)) != self._ptrs
+        if not self._views:
+            return False
+        self._calls += 1
+        if self._calls % self.FULL_CHECK_EVERY and self._counts is not None and self._use_counts() == self._counts:
+            return False
+        return list(map(Tensor.data_ptr, self._views)) != self._ptrs
 
 
 class TiedWeightWarning(UserWarning):
