@@ -466,7 +466,11 @@ def test_moves_are_refused_or_caught() -> None:
         ours.half()
     assert all(t.dtype != torch.float16 for t in ours.state_dict().values())
     ours.module.fc.weight.data = ours.module.fc.weight.data.clone()
-    with pytest.raises(RuntimeError, match="module's tensors were replaced"):
+    with pytest.raises(RuntimeError, match="module or its tensors were replaced"):
+        ours.update(a)
+    a, ours, _, _ = make_pair()
+    ours.module = copy.deepcopy(a)
+    with pytest.raises(RuntimeError, match="module or its tensors were replaced"):
         ours.update(a)
     a, ours, _, _ = make_pair()
     a.to(torch.float64)
@@ -560,3 +564,21 @@ def test_stochastic_rounding_across_timm_chunks(foreach: bool) -> None:
         ours.update(a)
         theirs.update(b)
         assert_same_state(ours.state_dict(), theirs.state_dict(), rel=0.0)
+
+
+def test_channels_last_model_and_compiled_ema() -> None:
+    """timm's train.py converts to channels_last before building the EMA and may compile the EMA
+    (``model_ema = torch.compile(model_ema)``); ``update`` then reaches the drop-in through it."""
+    torch.manual_seed(0)
+    base = SmallCNN().to(memory_format=torch.channels_last)
+    a, b = copy.deepcopy(base), copy.deepcopy(base)
+    ours, theirs = ModelEmaV3(a, decay=0.9), TIMM.ModelEmaV3(b, decay=0.9)
+    assert ours.module.conv1.weight.stride() == theirs.module.conv1.weight.stride()
+    compiled = torch.compile(ours, backend="eager")
+    for step in range(3):
+        perturb(a, b, seed=step)
+        compiled.update(a, step=step + 1)
+        theirs.update(b, step=step + 1)
+    assert_same_state(ours.state_dict(), theirs.state_dict(), rel=0.0)
+    x = torch.randn(2, 3, 8, 8)
+    torch.testing.assert_close(compiled(x), theirs(x), rtol=0, atol=0)

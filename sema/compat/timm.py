@@ -1,31 +1,43 @@
 """``ModelEmaV3``: a drop-in for timm's ``timm.utils.ModelEmaV3`` (timm 1.0.31) on sema's buckets.
 
 Change ``from timm.utils import ModelEmaV3`` to ``from sema.compat.timm import ModelEmaV3``; the
-constructor, ``get_decay``, ``update(model, step=None)``, ``set(model)``, ``forward``, ``module``
-and the ``state_dict()`` format (``module.*`` keys) are timm's. What runs underneath:
+constructor, ``get_decay``, ``update(model, step=None)``, ``apply_update_``,
+``apply_update_no_buffers_``, ``set(model)``, ``forward``, ``module``, the attributes and the
+``state_dict()`` format (``module.*`` keys) are timm's. What runs underneath:
 
 - The model's trainable params move into sema's flat buckets (a ``SwitchEMA`` with
   ``switch_every=None`` holds them), and ``module`` is a copy of the model whose params *are*
   views of the EMA buckets, so one fused launch per bucket updates them. Frozen params and
-  buffers keep EMA tensors of their own, updated by one multi-tensor launch per dtype pair.
+  buffers keep EMA tensors of their own, updated by one multi-tensor launch per dtype pair;
+  integer buffers are copied. Like timm, every floating ``state_dict`` entry is averaged (frozen
+  params included), each name once (a tied weight under two names is updated twice).
 - The decay is computed on the host from ``step`` exactly as timm does; ``w = 1 - decay``.
-- Numbers: fp32 lerp as ``torch.lerp``. timm's own foreach path with an EMA dtype other than the
-  model's (``dtype=torch.float32`` for a bf16 model) computes ``ema * (1 - w) + w * model``
-  instead of the lerp: the two differ by fp32 rounding. A bf16 EMA with ``stochastic_rounding``
-  (timm's default for bf16 models) runs timm's own algorithm, with the same private generator and
-  the same chunks, so it draws the same random bits: no fused kernel there, speed like timm.
+- ``update(model)`` with the constructor's model or a wrapper holding the same tensors (DDP,
+  ``torch.compile``) takes the fused path; any other model of the same structure goes through the
+  multi-tensor path, as timm allows.
+- Numbers: fp32 and bf16 EMAs (``stochastic_rounding=False``) use torch's lerp formula, bit for
+  bit here. timm's foreach path with an EMA dtype other than the model's
+  (``dtype=torch.float32`` for a bf16 model) computes ``ema * (1 - w) + w * model`` instead of
+  the lerp: the two differ by fp32 rounding. A bf16 EMA with ``stochastic_rounding`` (timm's
+  default for bf16 models) runs timm's own algorithm with the same private generator and the
+  same chunks, so it draws the same random bits: no fused kernel there, speed like timm's.
 
-Differences, each raised with its reason rather than done differently:
+Differences, each raised or warned with its reason rather than done silently:
 
 - ``device=`` other than the model's (EMA offload) is refused: sema's EMA lives beside the params.
 - ``dtype=`` other than ``torch.float32`` or the model's own dtype (a bf16 EMA of fp32 params, an
   fp64 EMA) is refused: sema keeps an EMA in fp32 or in each param's dtype.
 - The model is bucketed at construction: build the EMA after moving the model to its device and
-  dtype; a param moved or replaced afterwards (``model.to()``, ``load_state_dict(assign=True)``)
-  makes ``update()`` raise, where timm would follow it. Moving ``model_ema.module`` (its tensors
-  are the EMA storage) also makes ``update()`` raise.
+  dtype (timm asks the same). A trainable param moved or replaced afterwards (``model.to()``,
+  ``load_state_dict(assign=True)``) makes ``update()`` raise, where timm would follow it (a
+  replaced buffer or frozen param is followed, as in timm). ``model_ema.to()``/``.half()`` that
+  would change a tensor, and a replaced or moved ``model_ema.module``, are refused too.
+- A tied weight with an EMA dtype other than the model's and ``foreach=True`` warns
+  (:class:`TiedWeightWarning`): timm's foreach path gives it ``e (1 - w)**2 + 2 w m``, no average.
 - ``copy.deepcopy`` and pickling of the drop-in are refused (as ``SwitchEMA``'s): save
-  ``state_dict()``.
+  ``state_dict()``. Its tensors share the bucket storage: ``torch.save`` stores each bucket once,
+  safetensors refuses shared tensors (clone them first).
+- timm's private ``_lerp_`` / ``_foreach_lerp_`` helpers do not exist here.
 """
 
 from __future__ import annotations
@@ -113,6 +125,7 @@ class ModelEmaV3(nn.Module):
         )
         self.module = _module_view(model, self._switch_ema, dtype)
         self.module.eval()
+        object.__setattr__(self, "_module_view", self.module)
         self.decay = decay
         self.min_decay = min_decay
         self.update_after_step = update_after_step
@@ -249,9 +262,9 @@ class ModelEmaV3(nn.Module):
         )
 
     def _check_module(self) -> None:
-        if self._module_slots.changed():
+        if self._modules.get("module") is not self._module_view or self._module_slots.changed():
             raise RuntimeError(
-                "ModelEmaV3: model_ema.module's tensors were replaced or moved (.to(), .half(), "
+                "ModelEmaV3: model_ema.module or its tensors were replaced or moved (.to(), .half(), "
                 "load_state_dict(assign=True), param.data = ...). Its params are views of sema's EMA buckets and "
                 "must stay where they are: load weights with model_ema.module.load_state_dict(sd) (assign=False), "
                 "and build a new ModelEmaV3 for another device or dtype"
