@@ -582,3 +582,16 @@ def test_channels_last_model_and_compiled_ema() -> None:
     assert_same_state(ours.state_dict(), theirs.state_dict(), rel=0.0)
     x = torch.randn(2, 3, 8, 8)
     torch.testing.assert_close(compiled(x), theirs(x), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("model_dtype", [torch.float16, torch.float64], ids=["fp16", "fp64"])
+def test_fp16_and_fp64_models(model_dtype: torch.dtype, backend: str) -> None:
+    """An EMA in the model's own dtype: both round torch's fp32 lerp once (fp16), or lerp in
+    fp64 (sema's fp64 buckets run on the torch backend): bit for bit."""
+    a, ours, b, theirs = make_pair(SmallCNN, model_dtype, backend=backend, decay=0.9)
+    for step in range(10):
+        perturb(a, b, seed=step)
+        ours.update(a, step=step)
+        theirs.update(b, step=step)
+        assert_same_state(ours.state_dict(), theirs.state_dict(), rel=0.0)
