@@ -125,6 +125,24 @@ class ExponentialMovingAverage:
         self._ema: SwitchEMA | None = None
         self._build(None, None)
 
+    def __deepcopy__(self, memo: dict) -> ExponentialMovingAverage:
+        """As torch_ema's deepcopy: an independent EMA (its own buffers, the same values) of the
+        same params (not copies of them)."""
+        self._adopt_shadow_writes()
+        new = ExponentialMovingAverage(self._params, self.decay, backend=self._backend)
+        if self._ema_dtype is not None:
+            new.to(dtype=self._ema_dtype)
+        new.shadow_params = self._shadow_views
+        new.num_updates = self.num_updates
+        new.collected_params = copy.deepcopy(self.collected_params, memo)
+        return new
+
+    def __reduce_ex__(self, protocol: object) -> object:
+        raise TypeError(
+            "ExponentialMovingAverage cannot be pickled (torch_ema's cannot either: it holds weak references); "
+            "save ema.state_dict() with torch.save and load it into an EMA built on the model's parameters"
+        )
+
     # --- building the storage ----------------------------------------------------------------
 
     def _build(self, ema_dtype: torch.dtype | None, values: list[Tensor] | None) -> None:
