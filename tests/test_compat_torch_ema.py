@@ -630,3 +630,30 @@ def test_deepcopy_is_an_independent_ema_of_the_same_params_and_pickle_is_refused
         pickle.dumps(theirs)
     with pytest.raises(TypeError, match="state_dict"):
         pickle.dumps(ours)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_mixed_dtypes_in_one_ema(backend: str) -> None:
+    """fp32, bf16 and fp16 params in one EMA: one bucket each; fp32 fused, bf16 and fp16 bit for bit
+    with torch_ema. A real optimizer on a synthetic loss (CPU fp16 convolutions are not the point)."""
+    torch.manual_seed(23)
+    shapes = [(7, 5), (5,), (3, 4, 2), (17,), (1,), (33,)]
+    dtypes = [torch.float32, torch.bfloat16, torch.float16] * 2
+    params = [nn.Parameter(torch.randn(s).to(d)) for s, d in zip(shapes, dtypes, strict=True)]
+    twin = [nn.Parameter(p.detach().clone()) for p in params]
+    theirs = Peer(params, decay=DECAY)
+    ours = Ours(twin, decay=DECAY, backend=backend)
+    assert len(ours._ema.storage.buckets) == 3
+    optimizers = [torch.optim.SGD(ps, lr=0.1, momentum=0.9) for ps in (params, twin)]
+    decays = peer_decays(DECAY, True, STEPS)
+    for step in range(STEPS):
+        targets = [torch.randn(s) for s in shapes]
+        for ps, optimizer in zip((params, twin), optimizers, strict=True):
+            sum(((p.float() - t) ** 2).sum() for p, t in zip(ps, targets, strict=True)).backward()
+            optimizer.step()
+            optimizer.zero_grad()
+        for p, q in zip(params, twin, strict=True):
+            assert torch.equal(p, q)
+        theirs.update()
+        ours.update()
+        check_shadows(ours.shadow_params, theirs.shadow_params, max(decays[: step + 1]), f"step {step + 1}")
