@@ -50,11 +50,11 @@ def twins(seed: int, dtype: torch.dtype = torch.float32) -> tuple[Net, Net]:
 
 
 def train(pairs: list[tuple[Net, sema.SwitchEMA]], steps: int, seed: int, dtype: torch.dtype) -> None:
-    """``steps`` AdamW steps of each model on the same batches, ``update()`` after each; the
+    """``steps`` SGD steps of each model on the same batches, ``update()`` after each; the
     offloaded ones through ``attach``."""
     opts = []
     for model, ema in pairs:
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+        opt = torch.optim.SGD(model.parameters(), lr=1e-2, momentum=0.9)  # AdamW's eps underflows in fp16
         ema.attach(opt)
         opts.append(opt)
     gen = torch.Generator().manual_seed(seed)
@@ -77,6 +77,7 @@ def assert_same_state(expected: dict, actual: dict) -> None:
         for name in want:
             w, g = want[name], got[name]
             assert g.dtype == w.dtype and g.shape == w.shape, name
+            assert torch.isfinite(w).all(), f"{name}: the reference EMA is not finite; the test trains badly"
             if not torch.equal(w.cpu(), g.cpu()):
                 diff = (w.double().cpu() - g.double().cpu()).abs()
                 raise AssertionError(f"EMA {k} {name}: {int((diff > 0).sum())} elements differ, max {diff.max():.3g}")
@@ -99,7 +100,7 @@ def assert_same_state(expected: dict, actual: dict) -> None:
     ],
     ids=["plain", "two-decays", "power-every3-bufema", "switch7-copyonly", "after5-uncompensated"],
 )
-@pytest.mark.parametrize("chunk", [17, 1 << 20], ids=lambda c: f"chunk{c}")
+@pytest.mark.parametrize("chunk", [97, 1 << 20], ids=lambda c: f"chunk{c}")
 def test_offload_matches_synchronous_update(backend: str, dtype: torch.dtype, options: dict, chunk: int) -> None:
     options = {"switch_every": None, **options}
     if dtype != torch.float32 and options.get("buffers") == "ema":
@@ -109,7 +110,7 @@ def test_offload_matches_synchronous_update(backend: str, dtype: torch.dtype, op
     off = sema.SwitchEMA(off_model, backend=backend, ema_device="cpu", offload_chunk_elements=chunk, **options)
     assert off.ema_device == torch.device("cpu") and sync.ema_device is None
     assert off.staging_bytes > 0 and sync.staging_bytes == 0
-    train([(sync_model, sync), (off_model, off)], 30, seed=chunk, dtype=dtype)
+    train([(sync_model, sync), (off_model, off)], 14, seed=chunk, dtype=dtype)
     assert_same_state(sync.state_dict(), off.state_dict())
     for p, q in zip(sync_model.parameters(), off_model.parameters(), strict=True):
         assert torch.equal(p, q)
@@ -317,7 +318,8 @@ def test_worker_error_surfaces_at_the_next_call_until_reset(monkeypatch: pytest.
 
     monkeypatch.setattr(offload.ops, "dispatch_update", broken)
     ema.update()  # returns: the failure happens on the worker
-    for call in (ema.wait, ema.synchronize, ema.update, ema.state_dict, ema.switch):
+    # synchronize() first: wait() returns once the params are read, which may be before the failure
+    for call in (ema.synchronize, ema.wait, ema.update, ema.state_dict, ema.switch):
         with pytest.raises(OffloadWorkerError, match="injected failure") as info:
             call()
         assert "Traceback" in str(info.value) and "broken" in str(info.value)
@@ -337,7 +339,7 @@ def test_worker_error_cleared_by_load_state_dict(monkeypatch: pytest.MonkeyPatch
     monkeypatch.setattr(offload.ops, "dispatch_update", lambda *a: 1 / 0)
     ema.update()
     with pytest.raises(OffloadWorkerError, match="ZeroDivisionError"):
-        ema.wait()
+        ema.synchronize()
     monkeypatch.undo()
     ema.load_state_dict(good)
     assert_same_state(good, ema.state_dict())
