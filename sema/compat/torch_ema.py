@@ -26,7 +26,10 @@ What differs from torch_ema (each either invisible in the numbers or raised, nev
   torch_ema would fail on a device mismatch, or go on silently with mixed dtypes.
 - The EMA lives on the params' device: ``to(device=...)`` elsewhere (an EMA offloaded away from
   its params) raises. ``to(dtype=...)`` takes ``torch.float32`` or the params' own dtype, the
-  EMA dtypes sema computes; others raise.
+  EMA dtypes sema computes; others raise. ``to()`` without a dtype after ``model.double()`` (or
+  another conversion) gives an EMA in the params' new dtype; torch_ema's shadows would keep theirs.
+- ``copy.deepcopy(ema)`` gives an independent EMA of the same params, as torch_ema's does;
+  pickling raises, as torch_ema's does (save ``state_dict()``).
 - References: the buckets hold the params, so a dropped model's params stay in memory until the
   EMA is dropped. As in torch_ema, a call without ``parameters`` raises ``ValueError`` once the
   caller holds no reference to a param any more (told from the params' reference counts).
