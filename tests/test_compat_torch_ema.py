@@ -657,3 +657,14 @@ def test_mixed_dtypes_in_one_ema(backend: str) -> None:
         theirs.update()
         ours.update()
         check_shadows(ours.shadow_params, theirs.shadow_params, max(decays[: step + 1]), f"step {step + 1}")
+
+
+def test_a_refused_construction_leaves_the_params_as_they_were() -> None:
+    frozen = nn.Parameter(torch.randn(5), requires_grad=False)
+    trained = nn.Parameter(torch.randn(4))
+    on_meta = nn.Parameter(torch.empty(3, device="meta"))
+    data_ptrs = (frozen.data_ptr(), trained.data_ptr())
+    with pytest.raises(ValueError, match="meta"):
+        Ours([frozen, trained, on_meta], 0.9)
+    assert (frozen.requires_grad, trained.requires_grad) == (False, True)
+    assert (frozen.data_ptr(), trained.data_ptr()) == data_ptrs  # not moved into a bucket
