@@ -277,10 +277,10 @@ def train_size(device: torch.device, quick: bool) -> dict[str, int]:
     if device.type == "cuda" and not quick:
         return {"d": 2048, "layers": 20, "heads": 16, "seq": 1024, "batch": 4, "vocab": 32000, "steps": 16, "warmup": 3}
     if device.type == "cuda":
-        return {"d": 512, "layers": 2, "heads": 8, "seq": 256, "batch": 2, "vocab": 8192, "steps": 4, "warmup": 1}
+        return {"d": 512, "layers": 2, "heads": 8, "seq": 256, "batch": 2, "vocab": 8192, "steps": 16, "warmup": 1}
     if not quick:
         return {"d": 64, "layers": 2, "heads": 4, "seq": 32, "batch": 2, "vocab": 512, "steps": 16, "warmup": 3}
-    return {"d": 32, "layers": 1, "heads": 2, "seq": 16, "batch": 2, "vocab": 128, "steps": 4, "warmup": 1}
+    return {"d": 32, "layers": 1, "heads": 2, "seq": 16, "batch": 2, "vocab": 128, "steps": 16, "warmup": 1}
 
 
 class StepClock:
