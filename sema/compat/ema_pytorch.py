@@ -511,9 +511,10 @@ class EMA(nn.Module):
 
     @torch.no_grad()
     def forward_eval(self, *args: Any, **kwargs: Any) -> Any:
-        """Run ``ema_model`` in eval mode without grad, then put its mode back."""
+        """Run ``ema_model`` without grad. As in ema-pytorch 0.8.3, it runs in ``ema_model``'s
+        current mode (the peer saves and restores the mode but never sets eval): call
+        ``ema.eval()`` first for eval mode."""
         training = self.ema_model.training
-        self.ema_model.eval()
         out = self.ema_model(*args, **kwargs)
         self.ema_model.train(training)
         return out
