@@ -10,10 +10,12 @@ the EMA (``finish``).
   backward. ``params_read`` makes the current stream wait for it; nothing syncs with the host.
 - :class:`OffloadEngine` (``ema_device="cpu"``): the EMA lives in host memory. ``update()``
   records an event on the current stream and hands the update to a worker thread, which copies
-  each bucket chunk by chunk into two staging buffers (device to host on a side stream, pinned,
-  for CUDA params; a plain copy for CPU params) and runs the cpp update on each chunk as soon as
-  its copy has landed. The params are free to be written once every copy has landed, long before
-  the update ends. At most one update is in flight: the next one first waits for the previous.
+  each bucket chunk by chunk into a ring of staging buffers (two by default; device to host on a
+  side stream, pinned, for CUDA params; a plain copy for CPU params) and runs the cpp update on
+  each chunk as soon as its copy has landed. The copies run at most a ring ahead of the updates,
+  so the params are free to be written once the update is within a ring of its end (at once
+  after the copies when the ring holds the whole model). At most one update is in flight: the
+  next one first waits for the previous.
 """
 
 from __future__ import annotations
@@ -31,9 +33,15 @@ from sema import ops
 from sema.buckets import FlatBucket
 from sema.storage import EMAStorage
 
-# Default chunk of the offload pipeline, in param elements: 4 MiB of fp32 params (2 MiB of bf16).
-# Two staging buffers of one chunk each, of the widest param dtype.
+# Default chunk of the offload pipeline, in param elements: 4 MiB of fp32 params (2 MiB of bf16);
+# the staging ring holds OFFLOAD_STAGING_CHUNKS buffers of one chunk each, of the widest param dtype.
 OFFLOAD_CHUNK_ELEMENTS = 1 << 20
+OFFLOAD_STAGING_CHUNKS = 2
+
+# overlap=True splits each bucket's update into launches of at most this many elements: a CUDA
+# kernel of sema's keeps every block it can fit resident until it ends, so one launch over a
+# whole bucket would hold the SMs against the next forward's kernels; between pieces, they get in.
+OVERLAP_PIECE_ELEMENTS = 1 << 24
 
 
 class OffloadWorkerError(RuntimeError):
@@ -57,7 +65,7 @@ class OverlapEngine:
         with contextlib.ExitStack() as streams:
             for stream in self.streams.values():
                 streams.enter_context(torch.cuda.stream(stream))
-            self.storage.update_(weights, switch, weights64=weights64)
+            self.storage.update_(weights, switch, weights64=weights64, piece=OVERLAP_PIECE_ELEMENTS)
         for device, stream in self.streams.items():
             for w in (weights.get(device), (weights64 or {}).get(device)):
                 if w is not None:  # freed on the current stream while the side stream may still read it
@@ -93,7 +101,12 @@ class _Job:
 class OffloadEngine:
     """An EMA in host memory, updated by a worker thread from chunked staging copies."""
 
-    def __init__(self, storage: EMAStorage, chunk_elements: int = OFFLOAD_CHUNK_ELEMENTS) -> None:
+    def __init__(
+        self,
+        storage: EMAStorage,
+        chunk_elements: int = OFFLOAD_CHUNK_ELEMENTS,
+        staging_chunks: int = OFFLOAD_STAGING_CHUNKS,
+    ) -> None:
         self.storage = storage
         self.chunk_elements = chunk_elements
         buckets = [b for b in storage.buckets if b.param_flat.numel()]
@@ -102,13 +115,14 @@ class OffloadEngine:
         longest = max((b.param_flat.numel() for b in buckets), default=0)
         chunk = min(chunk_elements, longest)
         widest = max((b.param_flat.element_size() for b in buckets), default=1)
-        self.staging = [torch.empty(chunk * widest, dtype=torch.uint8, pin_memory=pinned) for _ in range(2)]
-        self.staging_bytes = sum(s.numel() for s in self.staging)
         self.tasks: list[tuple[FlatBucket, int, int]] = [
             (b, start, min(start + chunk, b.param_flat.numel()))
             for b in buckets
             for start in range(0, b.param_flat.numel(), chunk)
         ]
+        ring = max(1, min(staging_chunks, len(self.tasks)))
+        self.staging = [torch.empty(chunk * widest, dtype=torch.uint8, pin_memory=pinned) for _ in range(ring)]
+        self.staging_bytes = sum(s.numel() for s in self.staging)
         self.copy_streams = {device: torch.cuda.Stream(device) for device in self.cuda_devices}
         self._jobs: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
         self._idle = threading.Event()
@@ -202,7 +216,7 @@ class OffloadEngine:
         def issue(i: int) -> None:
             bucket, start, end = tasks[i]
             size = bucket.param_flat.element_size()
-            buffer = self.staging[i % 2][: (end - start) * size].view(bucket.dtype)
+            buffer = self.staging[i % ring][: (end - start) * size].view(bucket.dtype)
             if bucket.device.type == "cuda":
                 stream = self.copy_streams[bucket.device]
                 with torch.cuda.stream(stream):
@@ -216,7 +230,8 @@ class OffloadEngine:
                 self._read_events = dict(last)
                 self._read.set()
 
-        for i in range(min(2, len(tasks))):
+        ring = len(self.staging)
+        for i in range(min(ring, len(tasks))):
             issue(i)
         if not tasks:
             self._read.set()
@@ -226,8 +241,8 @@ class OffloadEngine:
                 event.synchronize()
             self._update_chunk(bucket, start, end, buffer, job)
             staged[i] = (buffer, None)  # drop the event
-            if i + 2 < len(tasks):
-                issue(i + 2)
+            if i + ring < len(tasks):  # into the buffer just freed
+                issue(i + ring)
 
     def _update_chunk(self, bucket: FlatBucket, start: int, end: int, staged: Tensor, job: _Job) -> None:
         storage = self.storage

@@ -409,11 +409,13 @@ class EMAStorage:
         switch: bool,
         switch_index: int = 0,
         weights64: dict[torch.device, Tensor] | None = None,
+        piece: int | None = None,
     ) -> None:
         """``ema <- lerp(ema, param, w)`` (then ``param <- ema`` with ``switch``), one fused launch
         per bucket and one multi-tensor launch per group. With K EMAs, ``weights`` holds a (K,)
         tensor per device, one pass reads the params once for all K, and the switch takes EMA
-        ``switch_index``."""
+        ``switch_index``. ``piece``: at most that many elements per bucket launch (a multiple of
+        16 keeps every piece aligned), so that other streams' kernels get in between."""
         copies = self._copy_only
         if weights64:
 
@@ -428,14 +430,22 @@ class EMAStorage:
             index = switch_index if switch else None
             for bucket in self.buckets:
                 w = self._all_ones(bucket) if copies and id(bucket) in copies else weight_of(bucket)
-                ops.dispatch_update_k(self.bucket_emas(bucket), bucket.param_flat, w, index, self.backend_of(bucket))
+                emas, backend = self.bucket_emas(bucket), self.backend_of(bucket)
+                for start, end in _pieces(bucket.param_flat.numel(), piece):
+                    ops.dispatch_update_k([e[start:end] for e in emas], bucket.param_flat[start:end], w, index, backend)
             for group in self.tensor_groups:
                 w = self._all_ones(group) if copies and id(group) in copies else weight_of(group)
                 ops.dispatch_update_k_multi(self.group_emas(group), group.views, w, index, self.backend_of(group))
             return
         for bucket in self.buckets:
             w = 1.0 if copies and id(bucket) in copies else weight_of(bucket)
-            ops.dispatch_update(bucket.ema_flat, bucket.param_flat, w, switch, self.backend_of(bucket))
+            if piece is None or bucket.param_flat.numel() <= piece:
+                ops.dispatch_update(bucket.ema_flat, bucket.param_flat, w, switch, self.backend_of(bucket))
+                continue
+            for start, end in _pieces(bucket.param_flat.numel(), piece):
+                ops.dispatch_update(
+                    bucket.ema_flat[start:end], bucket.param_flat[start:end], w, switch, self.backend_of(bucket)
+                )
         for group in self.tensor_groups:
             w = 1.0 if copies and id(group) in copies else weight_of(group)
             ops.dispatch_update_multi(group.emas, group.views, w, switch, self.backend_of(group))
@@ -502,6 +512,12 @@ class EMAStorage:
         flags = [torch.isfinite(b.param_flat).all() for b in self.buckets]
         flags += [torch.isfinite(v).all() for g in self.tensor_groups for v in g.views]
         return bool(torch.stack([f.cpu() for f in flags]).all())
+
+
+def _pieces(numel: int, piece: int | None) -> list[tuple[int, int]]:
+    if piece is None or numel <= piece:
+        return [(0, numel)]
+    return [(start, min(start + piece, numel)) for start in range(0, numel, piece)]
 
 
 def _copy_back(param: Tensor, saved: Tensor) -> None:

@@ -21,7 +21,7 @@ from torch.optim.optimizer import register_optimizer_step_pre_hook
 from sema import ops
 from sema.buckets import FlatBucket, check_aliasing, plan_buckets
 from sema.module_view import build_module_view
-from sema.offload import OFFLOAD_CHUNK_ELEMENTS, OffloadEngine, OverlapEngine
+from sema.offload import OFFLOAD_CHUNK_ELEMENTS, OFFLOAD_STAGING_CHUNKS, OffloadEngine, OverlapEngine
 from sema.policy import SwitchPolicy
 from sema.schedules import DecaySchedule, copy_updates_of
 from sema.selection import ParamSelection
@@ -109,8 +109,11 @@ class SwitchEMA:
         overlap: run the update on a side stream (CUDA params), overlapping the next forward and
             backward; :meth:`attach`/:meth:`wait` order the next write to the params after it. On
             CPU params the update runs synchronously. See docs/offload.md.
-        offload_chunk_elements: the chunk of the offload pipeline, in param elements; the two
-            staging buffers hold one chunk each (:attr:`staging_bytes`).
+        offload_chunk_elements: the chunk of the offload pipeline, in param elements.
+        offload_staging_chunks: how many staging buffers of one chunk each (:attr:`staging_bytes`):
+            the copies run this many chunks ahead of the host update, so the params may be
+            written once the update is that close to its end; enough to hold every bucket
+            frees them as soon as the copies land, at the price of that much pinned memory.
 
         Which arguments reproduce other EMA libraries: docs/migration.md.
     """
@@ -143,6 +146,7 @@ class SwitchEMA:
         ema_device: str | torch.device | None = None,
         overlap: bool = False,
         offload_chunk_elements: int = OFFLOAD_CHUNK_ELEMENTS,
+        offload_staging_chunks: int = OFFLOAD_STAGING_CHUNKS,
     ) -> None:
         # Every check runs before the model is touched: a bad argument leaves it as it was.
         if not isinstance(model, nn.Module):
@@ -242,7 +246,7 @@ class SwitchEMA:
         check_aliasing(local, untracked, allow_ties=not grouped)
         if grouped:
             ops.check_dense(local, "SwitchEMA(flatten=False)" if not flatten else "SwitchEMA (sharded params)")
-        offload_to = _ema_device(ema_device, offload_chunk_elements, grouped)
+        offload_to = _ema_device(ema_device, offload_chunk_elements, offload_staging_chunks, grouped)
         param_devices = list(dict.fromkeys(device for device, _ in plan_buckets(named)))
         resolved: dict[torch.device, str] = {}
         # a DTensor reports its local shard's device and dtype; an offloaded EMA is updated on the host
@@ -305,7 +309,7 @@ class SwitchEMA:
         self._placement = PlacementGuard("SwitchEMA", self.storage, self._slots)
         self._engine: OffloadEngine | OverlapEngine | None = None
         if offload_to is not None:
-            self._engine = OffloadEngine(self.storage, offload_chunk_elements)
+            self._engine = OffloadEngine(self.storage, offload_chunk_elements, offload_staging_chunks)
         elif overlap and self._on_cuda:
             self._engine = OverlapEngine(self.storage)
         if self._engine is not None:
@@ -986,10 +990,14 @@ class _WaitBeforeStep:
             ema.wait()
 
 
-def _ema_device(ema_device: object, chunk_elements: object, grouped: bool) -> torch.device | None:
+def _ema_device(
+    ema_device: object, chunk_elements: object, staging_chunks: object, grouped: bool
+) -> torch.device | None:
     """The device of an offloaded EMA (the host), or None; checks the offload arguments."""
     if isinstance(chunk_elements, bool) or not isinstance(chunk_elements, int) or chunk_elements < 1:
         raise ValueError(f"SwitchEMA: offload_chunk_elements={chunk_elements!r} must be a positive int")
+    if isinstance(staging_chunks, bool) or not isinstance(staging_chunks, int) or staging_chunks < 1:
+        raise ValueError(f"SwitchEMA: offload_staging_chunks={staging_chunks!r} must be a positive int")
     if ema_device is None:
         return None
     try:

@@ -383,6 +383,7 @@ def test_attach_returns_a_removable_handle() -> None:
         ({"ema_device": "cpu", "flatten": False}, ValueError, "flat buckets"),
         ({"ema_device": "cpu", "offload_chunk_elements": 0}, ValueError, "positive int"),
         ({"offload_chunk_elements": True}, ValueError, "positive int"),
+        ({"offload_staging_chunks": 0}, ValueError, "positive int"),
         ({"overlap": 1}, TypeError, "overlap must be True or False"),
     ],
 )
@@ -393,3 +394,61 @@ def test_bad_offload_arguments_leave_the_model_untouched(kwargs: dict, error: ty
         sema.SwitchEMA(model, **kwargs)
     for (ptr, value), p in zip(before, model.parameters(), strict=True):
         assert p.data_ptr() == ptr and torch.equal(p, value)
+
+
+@pytest.mark.parametrize("ring", [1, 3, 1000], ids=lambda r: f"ring{r}")
+def test_staging_ring_sizes_give_the_same_ema(ring: int) -> None:
+    sync_model, off_model = twins(ring)
+    sync = sema.SwitchEMA(sync_model, decay=(0.9, 0.99), switch_every=None)
+    off = sema.SwitchEMA(
+        off_model,
+        decay=(0.9, 0.99),
+        switch_every=None,
+        ema_device="cpu",
+        offload_chunk_elements=97,
+        offload_staging_chunks=ring,
+    )
+    chunks = len(off._engine.tasks)
+    assert off.staging_bytes == min(ring, chunks) * 97 * 4
+    train([(sync_model, sync), (off_model, off)], 10, seed=ring, dtype=torch.float32)
+    assert_same_state(sync.state_dict(), off.state_dict())
+
+
+def test_a_ring_holding_every_chunk_frees_the_params_before_the_update_ends(monkeypatch: pytest.MonkeyPatch) -> None:
+    model, reference = big_model(15), big_model(15)
+    ref = sema.SwitchEMA(reference, decay=0.5, switch_every=None)
+    ema = sema.SwitchEMA(
+        model, decay=0.5, switch_every=None, ema_device="cpu", offload_chunk_elements=5000, offload_staging_chunks=64
+    )
+    ref.update()
+    gate = Gate(monkeypatch, hold_at=1)  # the worker holds before its first chunk update
+    ema.update()
+    assert gate.reached.wait(30)
+    ema.wait()  # returns while the update is held: every chunk is staged already
+    with torch.no_grad():
+        for p in model.parameters():
+            p.sub_(100.0)
+    gate.release.set()
+    assert_same_state(ref.state_dict(), ema.state_dict())
+
+
+@pytest.mark.parametrize("decay", [0.9, (0.9, 0.99)], ids=["one", "two"])
+def test_updates_in_pieces_equal_one_launch(decay: float | tuple) -> None:
+    """overlap=True splits each bucket's launch into pieces (sema.offload.OVERLAP_PIECE_ELEMENTS);
+    on the CPU the same storage op is checked with a small piece, including a fused switch."""
+    a, b = big_model(16), big_model(16)
+    whole = sema.SwitchEMA(a, decay=decay, switch_every=None, copy_only=["1.bias"])
+    pieces = sema.SwitchEMA(b, decay=decay, switch_every=None, copy_only=["1.bias"])
+    for step in range(6):
+        with torch.no_grad():
+            for p, q in zip(a.parameters(), b.parameters(), strict=True):
+                noise = torch.randn_like(p)
+                p.add_(noise)
+                q.add_(noise)
+        switch = step == 4
+        weights = {torch.device("cpu"): whole._weights(whole._steps[torch.device("cpu")], None)}
+        whole.storage.update_(weights, switch)
+        pieces.storage.update_(weights, switch, piece=1000)
+    assert_same_state(whole.state_dict(), pieces.state_dict())
+    for p, q in zip(a.parameters(), b.parameters(), strict=True):
+        assert torch.equal(p, q)
