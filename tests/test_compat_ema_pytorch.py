@@ -552,3 +552,77 @@ def test_moves_and_rebinding_are_refused(backend: str) -> None:
     ours.model.to(torch.float64)
     with pytest.raises(BucketMovedError, match="no longer live where"):
         ours.update()
+
+
+class TiedLM(nn.Module):
+    """Embedding tied to the output head: named_parameters() lists the tied weight once, in
+    both libraries."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(11, 8)
+        self.norm = nn.LayerNorm(8)
+        self.head = nn.Linear(8, 11, bias=False)
+        self.head.weight = self.embed.weight
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(self.norm(self.embed(x)))
+
+    def batch(self, g: torch.Generator, dtype: torch.dtype) -> Tensor:
+        return torch.randint(0, 11, (4, 6), generator=g)
+
+
+def test_tied_weights_stay_tied(backend: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(MODELS, "tied", TiedLM)
+    kwargs = {"beta": 0.9, "update_after_step": 1, "update_every": 1}
+    worst, peer, ours = train_pair("tied", torch.float32, 40, kwargs)
+    assert worst <= 1.0
+    assert ours.ema_model.head.weight is ours.ema_model.embed.weight
+    assert list(ours.parameter_names) and ours.parameter_names == peer.parameter_names
+
+
+def test_model_without_trainable_params(backend: str) -> None:
+    """Everything frozen: no buckets at all; the tensor path averages what the peer averages."""
+
+    def freeze(m: nn.Module) -> None:
+        m.requires_grad_(False)
+
+    def nudge(m: nn.Module) -> None:
+        with torch.no_grad():
+            for p in m.parameters():
+                p.mul_(0.97).add_(0.02)
+
+    model = make_model("cnn", torch.float32)
+    freeze(model)
+    twin = copy.deepcopy(model)
+    kwargs = {"beta": 0.9, "update_after_step": 2, "update_every": 1}
+    peer, ours = Peer(model, **kwargs), Ours(twin, **kwargs)
+    assert ours.switch_ema is None
+    g = torch.Generator().manual_seed(4)
+    for step in range(30):
+        x = model.batch(g, torch.float32)
+        for m in (model, twin):
+            m(x)  # train-mode BatchNorm moves the running stats
+            nudge(m)
+        peer.update()
+        ours.update()
+        assert check_states(peer, ours, peer.get_current_decay(), f"step {step}") <= 1.0
+    assert not torch.equal(ours.ema_model.fc.weight, twin.fc.weight)
+
+
+def test_first_update_writes_every_element(backend: str) -> None:
+    """NaN-poison the whole EMA (buckets and ema_model's own tensors, in both libraries) before
+    the first update: its copy must overwrite every element."""
+    model = make_model("cnn", torch.float32)
+    twin = copy.deepcopy(model)
+    peer, ours = Peer(model, beta=0.9), Ours(twin, beta=0.9)
+    with torch.no_grad():
+        for e in (peer, ours):
+            for t in (*e.ema_model.parameters(), *e.ema_model.buffers()):
+                if t.is_floating_point():
+                    t.fill_(float("nan"))
+    assert ours.switch_ema.buckets[0].ema_flat.isnan().any()  # the poison reached the buckets
+    peer.update()
+    ours.update()
+    assert check_states(peer, ours, 0.0, "after the first update") == 0.0
+    assert all(t.isfinite().all() for t in ours.ema_model.state_dict().values() if t.is_floating_point())

@@ -578,7 +578,9 @@ class EMA(nn.Module):
         switch (one fused pass per bucket)."""
         self._check("copy_params_from_ema_to_model")
         if self.switch_ema is not None:
-            self.switch_ema.switch()
+            # The storage's switch, not SwitchEMA.switch(): that one warns about params frozen at
+            # construction as if they were not averaged, and here the tensor path averages them.
+            self.switch_ema.storage.switch_()
         for group in (self._averaged, self._copied, self._ignored):
             if group:
                 self._copy_into(group.sources(), group.emas())
