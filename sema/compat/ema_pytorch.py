@@ -303,6 +303,22 @@ class EMA(nn.Module):
         trainable, problems = self._plan(model, template)
         if problems:
             raise ValueError(f"{where}: ema_model does not fit the model:\n  " + "\n  ".join(problems))
+        missing = [n for n in self.forward_method_names if not hasattr(template or model, n)]
+        if missing:
+            raise AttributeError(f"{where}: forward_method_names {missing} are not attributes of the EMA model")
+        # The copy of the model comes first, with placeholders where the bucketed params go:
+        # a model that cannot be deep-copied fails here, before any param moves into a bucket.
+        placeholders: dict[str, nn.Parameter] = {}
+        if template is None:
+            memo: dict[int, Any] = {}
+            for name, p in model.named_parameters():
+                if name in trainable:
+                    placeholders[name] = memo[id(p)] = nn.Parameter(
+                        torch.empty(0, dtype=p.dtype, device=p.device), requires_grad=False
+                    )
+            view = deepcopy(model, memo)
+        else:
+            view = template
         switch_ema = None
         if trainable:
             ema_dtype = self._ema_dtype(model, template, trainable)
@@ -321,15 +337,11 @@ class EMA(nn.Module):
                 copy_only=copies or None,
             )
         views = {} if switch_ema is None else {name: e for name, _, e in switch_ema.storage.named_emas()}
-        if template is None:
-            memo: dict[int, Any] = {}
-            if switch_ema is not None:
-                for _, param, e in switch_ema.storage.named_emas():
-                    memo[id(param)] = nn.Parameter(e, requires_grad=False)
-            view = deepcopy(model, memo)
-        else:
-            view = template
-            with torch.no_grad():
+        with torch.no_grad():
+            if template is None:
+                for name, p in placeholders.items():
+                    p.data = views[name]
+            else:
                 for name, p in view.named_parameters():
                     if name in views:
                         p.data = views[name]
