@@ -8,6 +8,13 @@ call), ``ema(x)`` runs ``ema.ema_model``, and ``state_dict()``/``load_state_dict
 ema-pytorch's keys (``initted``, ``step``, ``online_model.*`` with ``include_online_model``,
 ``ema_model.*``), so checkpoints move both ways.
 
+Kept as ema-pytorch does it, on purpose: frozen float params are averaged too, integer buffers
+(``num_batches_tracked``) of ``ema_model`` keep the value they had when it was built, ignored
+names are still copied by the warm-start copies, and ``forward_eval`` runs ``ema_model`` in its
+current mode (ema-pytorch never sets eval there).
+``update_model_with_ema_every`` with ``update_model_with_ema_beta=0`` is Switch EMA's switch
+(``param <- ema``, fused per bucket); with a beta > 0 the model moves toward the EMA.
+
 How it runs: the model's trainable float params are moved into sema's flat buckets (a
 ``SwitchEMA`` with ``switch_every=None``) and averaged by one fused pass per bucket, with the
 decay computed on the host exactly as ema-pytorch computes it (float32 tensor math on the step).
@@ -35,6 +42,11 @@ What differs from ema-pytorch:
 - ``ignore_names``, ``ignore_startswith_names`` and ``param_or_buffer_names_no_ema`` are read at
   construction (they decide the buckets); changing them later raises at the next ``update()``.
 - ``init_ema()`` runs once (ema-pytorch lets it replace the EMA model later).
+- A model that cannot be deep-copied raises (ema-pytorch prints and calls ``exit()``); pass
+  your own ``ema_model=`` there, as with ema-pytorch.
+- Building the EMA moves the model's trainable params into sema's buckets (``param.data`` is
+  re-pointed; the ``Parameter`` objects, and optimizers built before or after, are unaffected):
+  move, convert, wrap or compile the model afterwards and the next ``update()`` says so.
 - A non-module ``model`` (ema-pytorch's ``EMAPytree``) and pickling / ``copy.deepcopy`` of the
   EMA are not supported (the params live in buckets shared with the model): save
   ``ema.state_dict()`` instead.
