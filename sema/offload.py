@@ -12,7 +12,9 @@ the EMA (``finish``).
   records an event on the current stream and hands the update to a worker thread, which copies
   each bucket chunk by chunk into a ring of staging buffers (two by default; device to host on a
   side stream, pinned, for CUDA params; a plain copy for CPU params) and runs the cpp update on
-  each chunk as soon as its copy has landed. The copies run at most a ring ahead of the updates,
+  each chunk as soon as its copy has landed. With CPU params the ring is empty by default: the
+  worker updates from the params directly (a staging copy there costs 8 more bytes per element of
+  memory traffic and frees the params only a ring before the end). The copies run at most a ring ahead of the updates,
   so the params are free to be written once the update is within a ring of its end (at once
   after the copies when the ring holds the whole model). At most one update is in flight: the
   next one first waits for the previous.
@@ -36,7 +38,24 @@ from sema.storage import EMAStorage
 # Default chunk of the offload pipeline, in param elements: 4 MiB of fp32 params (2 MiB of bf16);
 # the staging ring holds OFFLOAD_STAGING_CHUNKS buffers of one chunk each, of the widest param dtype.
 OFFLOAD_CHUNK_ELEMENTS = 1 << 20
-OFFLOAD_STAGING_CHUNKS = 2
+OFFLOAD_STAGING_CHUNKS = 2  # for CUDA params; CPU params are read directly unless asked otherwise
+
+
+def staging_chunks_for(requested: int | None, param_devices: list[torch.device]) -> int:
+    """The staging ring size: ``requested``, or the default for these params (0 reads them
+    directly, which only params in host memory allow)."""
+    on_cuda = any(device.type != "cpu" for device in param_devices)
+    if requested is None:
+        return OFFLOAD_STAGING_CHUNKS if on_cuda else 0
+    if isinstance(requested, bool) or not isinstance(requested, int) or requested < 0:
+        raise ValueError(f"SwitchEMA: offload_staging_chunks={requested!r} must be None or a non-negative int")
+    if requested == 0 and on_cuda:
+        raise ValueError(
+            "SwitchEMA: offload_staging_chunks=0 reads the params directly, which only params in host memory "
+            "allow; params on the GPU are copied through at least one staging chunk (None picks 2)"
+        )
+    return requested
+
 
 # overlap=True splits each bucket's update into launches of at most this many elements: a CUDA
 # kernel of sema's keeps every block it can fit resident until it ends, so one launch over a
@@ -115,12 +134,13 @@ class OffloadEngine:
         longest = max((b.param_flat.numel() for b in buckets), default=0)
         chunk = min(chunk_elements, longest)
         widest = max((b.param_flat.element_size() for b in buckets), default=1)
-        self.tasks: list[tuple[FlatBucket, int, int]] = [
-            (b, start, min(start + chunk, b.param_flat.numel()))
-            for b in buckets
-            for start in range(0, b.param_flat.numel(), chunk)
-        ]
-        ring = max(1, min(staging_chunks, len(self.tasks)))
+        # (bucket, start, end): chunks through the staging ring, or whole buckets read directly
+        self.tasks: list[tuple[FlatBucket, int, int]] = []
+        for b in buckets:
+            n = b.param_flat.numel()
+            step = chunk if staging_chunks else n
+            self.tasks += [(b, start, min(start + step, n)) for start in range(0, n, step)]
+        ring = min(staging_chunks, len(self.tasks))
         self.staging = [torch.empty(chunk * widest, dtype=torch.uint8, pin_memory=pinned) for _ in range(ring)]
         self.staging_bytes = sum(s.numel() for s in self.staging)
         self.copy_streams = {device: torch.cuda.Stream(device) for device in self.cuda_devices}
@@ -210,6 +230,10 @@ class OffloadEngine:
         for device, event in job.ready.items():
             self.copy_streams[device].wait_event(event)
         tasks = self.tasks
+        if not self.staging:  # params in host memory, read directly: one update per bucket
+            for bucket, start, end in tasks:
+                self._update_chunk(bucket, start, end, bucket.param_flat[start:end], job)
+            return
         last: dict[torch.device, torch.cuda.Event] = {}
         staged: list[tuple[Tensor, torch.cuda.Event | None]] = []
 

@@ -21,7 +21,7 @@ from torch.optim.optimizer import register_optimizer_step_pre_hook
 from sema import ops
 from sema.buckets import FlatBucket, check_aliasing, plan_buckets
 from sema.module_view import build_module_view
-from sema.offload import OFFLOAD_CHUNK_ELEMENTS, OFFLOAD_STAGING_CHUNKS, OffloadEngine, OverlapEngine
+from sema.offload import OFFLOAD_CHUNK_ELEMENTS, OffloadEngine, OverlapEngine, staging_chunks_for
 from sema.policy import SwitchPolicy
 from sema.schedules import DecaySchedule, copy_updates_of
 from sema.selection import ParamSelection
@@ -114,6 +114,7 @@ class SwitchEMA:
             the copies run this many chunks ahead of the host update, so the params may be
             written once the update is that close to its end; enough to hold every bucket
             frees them as soon as the copies land, at the price of that much pinned memory.
+            ``None``: 2 for CUDA params, 0 for CPU params (the worker reads them directly).
 
         Which arguments reproduce other EMA libraries: docs/migration.md.
     """
@@ -146,7 +147,7 @@ class SwitchEMA:
         ema_device: str | torch.device | None = None,
         overlap: bool = False,
         offload_chunk_elements: int = OFFLOAD_CHUNK_ELEMENTS,
-        offload_staging_chunks: int = OFFLOAD_STAGING_CHUNKS,
+        offload_staging_chunks: int | None = None,
     ) -> None:
         # Every check runs before the model is touched: a bad argument leaves it as it was.
         if not isinstance(model, nn.Module):
@@ -246,8 +247,9 @@ class SwitchEMA:
         check_aliasing(local, untracked, allow_ties=not grouped)
         if grouped:
             ops.check_dense(local, "SwitchEMA(flatten=False)" if not flatten else "SwitchEMA (sharded params)")
-        offload_to = _ema_device(ema_device, offload_chunk_elements, offload_staging_chunks, grouped)
+        offload_to = _ema_device(ema_device, offload_chunk_elements, grouped)
         param_devices = list(dict.fromkeys(device for device, _ in plan_buckets(named)))
+        staging_chunks = staging_chunks_for(offload_staging_chunks, param_devices)
         resolved: dict[torch.device, str] = {}
         # a DTensor reports its local shard's device and dtype; an offloaded EMA is updated on the host
         for device in param_devices if offload_to is None else [offload_to]:
@@ -309,7 +311,7 @@ class SwitchEMA:
         self._placement = PlacementGuard("SwitchEMA", self.storage, self._slots)
         self._engine: OffloadEngine | OverlapEngine | None = None
         if offload_to is not None:
-            self._engine = OffloadEngine(self.storage, offload_chunk_elements, offload_staging_chunks)
+            self._engine = OffloadEngine(self.storage, offload_chunk_elements, staging_chunks)
         elif overlap and self._on_cuda:
             self._engine = OverlapEngine(self.storage)
         if self._engine is not None:
@@ -491,13 +493,14 @@ class SwitchEMA:
         weights64 = None
         if self._fp64:  # fp64 params: the weight in fp64 too
             weights64 = {device: self._weights(step, known, torch.float64) for device, step in self._steps.items()}
-        if engine and self._engine is not None:
-            self._engine.update(weights, weights64, switch)
-        else:
+        handed_over = engine and self._engine is not None
+        if not handed_over:
             self.storage.update_(weights, switch, weights64=weights64)
         self.tracked_buffers.update_(weights)
         for step in self._steps.values():
             step.add_(1)
+        if handed_over:  # last: a worker woken earlier would take the GIL at the torch calls above
+            self._engine.update(weights, weights64, switch)
         if traced:
             self._traced_updates = True
         else:
@@ -990,14 +993,10 @@ class _WaitBeforeStep:
             ema.wait()
 
 
-def _ema_device(
-    ema_device: object, chunk_elements: object, staging_chunks: object, grouped: bool
-) -> torch.device | None:
+def _ema_device(ema_device: object, chunk_elements: object, grouped: bool) -> torch.device | None:
     """The device of an offloaded EMA (the host), or None; checks the offload arguments."""
     if isinstance(chunk_elements, bool) or not isinstance(chunk_elements, int) or chunk_elements < 1:
         raise ValueError(f"SwitchEMA: offload_chunk_elements={chunk_elements!r} must be a positive int")
-    if isinstance(staging_chunks, bool) or not isinstance(staging_chunks, int) or staging_chunks < 1:
-        raise ValueError(f"SwitchEMA: offload_staging_chunks={staging_chunks!r} must be a positive int")
     if ema_device is None:
         return None
     try:

@@ -100,16 +100,25 @@ def assert_same_state(expected: dict, actual: dict) -> None:
     ],
     ids=["plain", "two-decays", "power-every3-bufema", "switch7-copyonly", "after5-uncompensated"],
 )
-@pytest.mark.parametrize("chunk", [97, 1 << 20], ids=lambda c: f"chunk{c}")
-def test_offload_matches_synchronous_update(backend: str, dtype: torch.dtype, options: dict, chunk: int) -> None:
+@pytest.mark.parametrize(("staging", "chunk"), [(None, 1 << 20), (2, 97)], ids=["direct", "staged-chunk97"])
+def test_offload_matches_synchronous_update(
+    backend: str, dtype: torch.dtype, options: dict, staging: int | None, chunk: int
+) -> None:
     options = {"switch_every": None, **options}
     if dtype != torch.float32 and options.get("buffers") == "ema":
         options["buffers"] = "copy"
     sync_model, off_model = twins(chunk + len(options), dtype)
     sync = sema.SwitchEMA(sync_model, backend=backend, **options)
-    off = sema.SwitchEMA(off_model, backend=backend, ema_device="cpu", offload_chunk_elements=chunk, **options)
+    off = sema.SwitchEMA(
+        off_model,
+        backend=backend,
+        ema_device="cpu",
+        offload_chunk_elements=chunk,
+        offload_staging_chunks=staging,
+        **options,
+    )
     assert off.ema_device == torch.device("cpu") and sync.ema_device is None
-    assert off.staging_bytes > 0 and sync.staging_bytes == 0
+    assert (off.staging_bytes > 0) == bool(staging) and sync.staging_bytes == 0
     train([(sync_model, sync), (off_model, off)], 14, seed=chunk, dtype=dtype)
     assert_same_state(sync.state_dict(), off.state_dict())
     for p, q in zip(sync_model.parameters(), off_model.parameters(), strict=True):
@@ -121,7 +130,14 @@ def test_offload_matches_synchronous_update(backend: str, dtype: torch.dtype, op
 def test_odd_chunks_and_fp16(dtype: torch.dtype, chunk: int) -> None:
     sync_model, off_model = twins(chunk, dtype)
     sync = sema.SwitchEMA(sync_model, decay=0.8, switch_every=None)
-    off = sema.SwitchEMA(off_model, decay=0.8, switch_every=None, ema_device="cpu", offload_chunk_elements=chunk)
+    off = sema.SwitchEMA(
+        off_model,
+        decay=0.8,
+        switch_every=None,
+        ema_device="cpu",
+        offload_chunk_elements=chunk,
+        offload_staging_chunks=2,
+    )
     train([(sync_model, sync), (off_model, off)], 5 if chunk == 1 else 20, seed=chunk, dtype=dtype)
     assert_same_state(sync.state_dict(), off.state_dict())
 
@@ -129,19 +145,50 @@ def test_odd_chunks_and_fp16(dtype: torch.dtype, chunk: int) -> None:
 def test_fp64_params_offload() -> None:
     sync_model, off_model = twins(3, torch.float64)
     sync = sema.SwitchEMA(sync_model, decay=0.9, switch_every=None)
-    off = sema.SwitchEMA(off_model, decay=0.9, switch_every=None, ema_device="cpu", offload_chunk_elements=100)
+    off = sema.SwitchEMA(
+        off_model, decay=0.9, switch_every=None, ema_device="cpu", offload_chunk_elements=100, offload_staging_chunks=2
+    )
     train([(sync_model, sync), (off_model, off)], 20, seed=3, dtype=torch.float64)
     assert_same_state(sync.state_dict(), off.state_dict())
+
+
+def test_cpu_params_are_read_directly_by_default(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No staging for CPU params unless asked: one update per bucket, and wait() returns only
+    once it is done (the params are read until then)."""
+    model, reference = big_model(17), big_model(17)
+    ref = sema.SwitchEMA(reference, decay=0.5, switch_every=None)
+    ema = sema.SwitchEMA(model, decay=0.5, switch_every=None, ema_device="cpu", offload_chunk_elements=1000)
+    assert ema.staging_bytes == 0 and len(ema._engine.tasks) == len(ema.buckets)
+    ref.update()
+    gate = Gate(monkeypatch, hold_at=1)
+    ema.update()
+    assert gate.reached.wait(30)
+    waited = threading.Event()
+
+    def wait() -> None:
+        ema.wait()
+        waited.set()
+
+    waiter = threading.Thread(target=wait)
+    waiter.start()
+    assert not waited.wait(0.3), "wait() returned while the update still reads the params"
+    gate.release.set()
+    waiter.join(30)
+    assert waited.is_set()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.sub_(100.0)
+    assert_same_state(ref.state_dict(), ema.state_dict())
 
 
 def test_staging_is_two_chunks_of_the_widest_dtype() -> None:
     model = Net()
     model.fc2.to(torch.bfloat16)
-    ema = sema.SwitchEMA(model, ema_device="cpu", offload_chunk_elements=256)
+    ema = sema.SwitchEMA(model, ema_device="cpu", offload_chunk_elements=256, offload_staging_chunks=2)
     assert ema.staging_bytes == 2 * 256 * 4
-    small = sema.SwitchEMA(Net(), ema_device="cpu", offload_chunk_elements=1 << 30)
+    small = sema.SwitchEMA(Net(), ema_device="cpu", offload_chunk_elements=1 << 30, offload_staging_chunks=2)
     numel = small.buckets[0].param_flat.numel()
-    assert small.staging_bytes == 2 * numel * 4  # a chunk never exceeds the longest bucket
+    assert small.staging_bytes == numel * 4  # a chunk never exceeds the longest bucket, the ring never the chunks
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -186,7 +233,13 @@ def test_write_after_update_never_leaks(monkeypatch: pytest.MonkeyPatch, how: st
     reference = big_model(1)
     ref = sema.SwitchEMA(reference, decay=0.5, switch_every=None, backend="torch")
     ema = sema.SwitchEMA(
-        model, decay=0.5, switch_every=None, backend="torch", ema_device="cpu", offload_chunk_elements=1000
+        model,
+        decay=0.5,
+        switch_every=None,
+        backend="torch",
+        ema_device="cpu",
+        offload_chunk_elements=1000,
+        offload_staging_chunks=2,
     )
     opt = torch.optim.SGD(model.parameters(), lr=1.0)
     if how == "attach":
@@ -219,7 +272,13 @@ def test_negative_control_a_racing_write_leaks(monkeypatch: pytest.MonkeyPatch) 
     reference = big_model(2)
     ref = sema.SwitchEMA(reference, decay=0.5, switch_every=None, backend="torch")
     ema = sema.SwitchEMA(
-        model, decay=0.5, switch_every=None, backend="torch", ema_device="cpu", offload_chunk_elements=1000
+        model,
+        decay=0.5,
+        switch_every=None,
+        backend="torch",
+        ema_device="cpu",
+        offload_chunk_elements=1000,
+        offload_staging_chunks=2,
     )
     ref.update()
     gate = Gate(monkeypatch, hold_at=1)
@@ -236,7 +295,9 @@ def test_negative_control_a_racing_write_leaks(monkeypatch: pytest.MonkeyPatch) 
 def test_state_dict_mid_flight_waits_and_is_exact(monkeypatch: pytest.MonkeyPatch) -> None:
     a, b = big_model(4), big_model(4)
     sync = sema.SwitchEMA(a, decay=0.7, switch_every=None)
-    off = sema.SwitchEMA(b, decay=0.7, switch_every=None, ema_device="cpu", offload_chunk_elements=4096)
+    off = sema.SwitchEMA(
+        b, decay=0.7, switch_every=None, ema_device="cpu", offload_chunk_elements=4096, offload_staging_chunks=2
+    )
     sync.update()
     gate = Gate(monkeypatch, hold_at=5)
     off.update()
@@ -249,14 +310,18 @@ def test_kill_and_resume_is_bit_identical() -> None:
     options = {"decay": (0.9, 0.999), "warmup": "inverse", "switch_every": None, "buffers": "copy"}
     straight_model, first_model = twins(21)
     straight = sema.SwitchEMA(straight_model, **options)
-    first = sema.SwitchEMA(first_model, ema_device="cpu", offload_chunk_elements=300, **options)
+    first = sema.SwitchEMA(
+        first_model, ema_device="cpu", offload_chunk_elements=300, offload_staging_chunks=2, **options
+    )
     train([(straight_model, straight), (first_model, first)], 15, seed=5, dtype=torch.float32)
     saved_state, saved_model = first.state_dict(), {k: v.clone() for k, v in first_model.state_dict().items()}
     del first, first_model
     gc.collect()
     resumed_model = Net()
     resumed_model.load_state_dict(saved_model)
-    resumed = sema.SwitchEMA(resumed_model, ema_device="cpu", offload_chunk_elements=300, **options)
+    resumed = sema.SwitchEMA(
+        resumed_model, ema_device="cpu", offload_chunk_elements=300, offload_staging_chunks=2, **options
+    )
     resumed.load_state_dict(saved_state)
     # The optimizer state is not part of the EMA: restart both optimizers from here.
     train([(straight_model, straight), (resumed_model, resumed)], 15, seed=6, dtype=torch.float32)
@@ -266,7 +331,9 @@ def test_kill_and_resume_is_bit_identical() -> None:
 def test_switch_and_swapped_copy_the_host_ema_in() -> None:
     a, b = twins(8, torch.bfloat16)
     sync = sema.SwitchEMA(a, decay=0.9, switch_every=None)
-    off = sema.SwitchEMA(b, decay=0.9, switch_every=None, ema_device="cpu", offload_chunk_elements=64)
+    off = sema.SwitchEMA(
+        b, decay=0.9, switch_every=None, ema_device="cpu", offload_chunk_elements=64, offload_staging_chunks=2
+    )
     train([(a, sync), (b, off)], 10, seed=8, dtype=torch.bfloat16)
     live = [p.detach().clone() for p in b.parameters()]
     with sync.swapped(), off.swapped():
@@ -287,7 +354,9 @@ def test_switch_and_swapped_copy_the_host_ema_in() -> None:
 def test_module_view_waits_for_the_update(monkeypatch: pytest.MonkeyPatch) -> None:
     a, b = big_model(9), big_model(9)
     sync = sema.SwitchEMA(a, decay=0.5, switch_every=None)
-    off = sema.SwitchEMA(b, decay=0.5, switch_every=None, ema_device="cpu", offload_chunk_elements=4096)
+    off = sema.SwitchEMA(
+        b, decay=0.5, switch_every=None, ema_device="cpu", offload_chunk_elements=4096, offload_staging_chunks=2
+    )
     teacher = off.module
     with torch.no_grad():
         for p, q in zip(a.parameters(), b.parameters(), strict=True):
@@ -309,7 +378,9 @@ def test_module_view_waits_for_the_update(monkeypatch: pytest.MonkeyPatch) -> No
 
 def test_worker_error_surfaces_at_the_next_call_until_reset(monkeypatch: pytest.MonkeyPatch) -> None:
     model = big_model(12)
-    ema = sema.SwitchEMA(model, decay=0.9, switch_every=None, ema_device="cpu", offload_chunk_elements=5000)
+    ema = sema.SwitchEMA(
+        model, decay=0.9, switch_every=None, ema_device="cpu", offload_chunk_elements=5000, offload_staging_chunks=2
+    )
     ema.update()
     ema.synchronize()
 
@@ -383,7 +454,7 @@ def test_attach_returns_a_removable_handle() -> None:
         ({"ema_device": "cpu", "flatten": False}, ValueError, "flat buckets"),
         ({"ema_device": "cpu", "offload_chunk_elements": 0}, ValueError, "positive int"),
         ({"offload_chunk_elements": True}, ValueError, "positive int"),
-        ({"offload_staging_chunks": 0}, ValueError, "positive int"),
+        ({"offload_staging_chunks": -1}, ValueError, "non-negative int"),
         ({"overlap": 1}, TypeError, "overlap must be True or False"),
     ],
 )
