@@ -26,7 +26,6 @@ import contextlib
 import queue
 import threading
 import traceback
-from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
@@ -37,6 +36,8 @@ from sema.storage import EMAStorage
 
 # Default chunk of the offload pipeline, in param elements: 4 MiB of fp32 params (2 MiB of bf16);
 # the staging ring holds OFFLOAD_STAGING_CHUNKS buffers of one chunk each, of the widest param dtype.
+_CPU = torch.device("cpu")
+
 OFFLOAD_CHUNK_ELEMENTS = 1 << 20
 OFFLOAD_STAGING_CHUNKS = 2  # for CUDA params; CPU params are read directly unless asked otherwise
 
@@ -109,12 +110,19 @@ class OverlapEngine:
     staging_bytes = 0
 
 
-@dataclass
 class _Job:
-    weights: Tensor  # on the CPU: 0-d, or (K,) with K EMAs
-    weights64: Tensor | None
-    ready: dict[torch.device, torch.cuda.Event] = field(default_factory=dict)
-    number: int = 0
+    """One update for the worker: its weights (on the CPU: 0-d, or (K,) with K EMAs), the events
+    the copies wait for (CUDA params), and its number (for error messages)."""
+
+    __slots__ = ("number", "ready", "weights", "weights64")
+
+    def __init__(
+        self, weights: Tensor, weights64: Tensor | None, ready: dict[torch.device, torch.cuda.Event], number: int
+    ) -> None:
+        self.weights = weights
+        self.weights64 = weights64
+        self.ready = ready
+        self.number = number
 
 
 class OffloadEngine:
@@ -162,11 +170,9 @@ class OffloadEngine:
         """Hand one update to the worker and return; with ``switch``, wait for it and put the
         EMA into the params (host to device)."""
         self.finish()  # at most one update in flight (and a worker error surfaces here)
-        cpu = torch.device("cpu")
-        job = _Job(weights[cpu], None if weights64 is None else weights64.get(cpu))
-        job.ready = {device: torch.cuda.current_stream(device).record_event() for device in self.cuda_devices}
+        ready = {device: torch.cuda.current_stream(device).record_event() for device in self.cuda_devices}
         self._submitted += 1
-        job.number = self._submitted
+        job = _Job(weights[_CPU], None if weights64 is None else weights64.get(_CPU), ready, self._submitted)
         self._idle.clear()
         self._read.clear()
         self._read_events = {}

@@ -432,7 +432,10 @@ class SwitchEMA:
         if type(switch) is not bool:
             raise TypeError(f"SwitchEMA.update: switch must be True or False, got {switch!r}")
         if self._engine is not None:
-            self._update_with_engine(switch)
+            if torch.compiler.is_compiling():
+                self._update_with_engine_eagerly(switch)  # a graph break
+            else:
+                self._update_with_engine(switch)  # without the wrapper's cost on the hot path
             return
         if self.policy.counts_on_host:
             self._update_counted(switch)
@@ -471,6 +474,9 @@ class SwitchEMA:
         "SwitchEMA.update with ema_device='cpu' or overlap=True hands the update to a worker thread or a "
         "side stream, which a compiled graph cannot hold: leave update() eager (it is one call per step)"
     )
+    def _update_with_engine_eagerly(self, switch: bool) -> None:
+        self._update_with_engine(switch)
+
     def _update_with_engine(self, switch: bool) -> None:
         if self._capturing():
             if isinstance(self._engine, OffloadEngine):
