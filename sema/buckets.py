@@ -339,12 +339,11 @@ def ema_buffer(
     numel: int, dtype: torch.dtype, param_device: torch.device, ema_device: torch.device | None, shared: bool = False
 ) -> Tensor:
     """An uninitialised EMA buffer for a bucket of params on ``param_device``: on ``ema_device``
-    where one is given (offload), in pinned host memory when the params are on CUDA (the
-    staging copies are asynchronous only from and to pinned memory)."""
+    where one is given (offload). Host memory for CUDA params is not pinned: only the host reads
+    and writes the EMA (the staging it copies through is pinned), and the pinned allocator rounds
+    each block up to a power of two."""
     if ema_device is None or ema_device == param_device:
         return _empty(numel, dtype, param_device, shared)
-    if ema_device.type == "cpu" and param_device.type == "cuda":
-        return torch.empty(numel, dtype=dtype, pin_memory=True)
     return _empty(numel, dtype, ema_device)
 
 

@@ -23,9 +23,12 @@ the EMA (``finish``).
 from __future__ import annotations
 
 import contextlib
+import operator
 import queue
 import threading
 import traceback
+import warnings
+import weakref
 
 import torch
 from torch import Tensor
@@ -63,34 +66,57 @@ def staging_chunks_for(requested: int | None, param_devices: list[torch.device])
 # whole bucket would hold the SMs against the next forward's kernels; between pieces, they get in.
 OVERLAP_PIECE_ELEMENTS = 1 << 24
 
+# The offload worker checks that no param was written before it had read them (a write without
+# wait() or attach()) on updates 1 and 2 of every RACE_CHECK_EVERY: the check is O(params).
+RACE_CHECK_EVERY = 16
+_VERSION = operator.attrgetter("_version")
 
-class OffloadWorkerError(RuntimeError):
-    """The offload worker failed during an update: the EMA holds a partial update of that step."""
+
+# The live engines: a SwitchEMA about to write the params (switch, swapped) first waits for every
+# other engine over the same params to have read them.
+_ENGINES: weakref.WeakSet = weakref.WeakSet()
+
+
+def wait_for_readers(storage: EMAStorage, engine: object) -> None:
+    """Before ``storage``'s params are written: every other live engine whose pending update reads
+    them (another SwitchEMA of the same params) has read them."""
+    others = [e for e in list(_ENGINES) if e is not engine]
+    if not others:
+        return
+    ours = storage.param_storages()
+    for other in others:
+        if not ours.isdisjoint(other.storage.param_storages()):
+            other.params_read()
 
 
 class OverlapEngine:
     """The fused update on a side stream per CUDA device, ordered after the current stream."""
+
+    staging_bytes = 0
 
     def __init__(self, storage: EMAStorage) -> None:
         self.storage = storage
         devices = {h.device for h in (*storage.buckets, *storage.tensor_groups) if h.device.type == "cuda"}
         self.streams = {device: torch.cuda.Stream(device) for device in sorted(devices, key=str)}
         self.done: dict[torch.device, torch.cuda.Event] = {}
+        _ENGINES.add(self)
 
     def update(
         self, weights: dict[torch.device, Tensor], weights64: dict[torch.device, Tensor] | None, switch: bool
     ) -> None:
         for device, stream in self.streams.items():
             stream.wait_event(torch.cuda.current_stream(device).record_event())
-        with contextlib.ExitStack() as streams:
-            for stream in self.streams.values():
-                streams.enter_context(torch.cuda.stream(stream))
-            self.storage.update_(weights, switch, weights64=weights64, piece=OVERLAP_PIECE_ELEMENTS)
-        for device, stream in self.streams.items():
-            for w in (weights.get(device), (weights64 or {}).get(device)):
-                if w is not None:  # freed on the current stream while the side stream may still read it
-                    w.record_stream(stream)
-            self.done[device] = stream.record_event()
+        try:
+            with contextlib.ExitStack() as streams:
+                for stream in self.streams.values():
+                    streams.enter_context(torch.cuda.stream(stream))
+                self.storage.update_(weights, switch, weights64=weights64, piece=OVERLAP_PIECE_ELEMENTS)
+        finally:  # also after a failed launch: what was enqueued is waited for
+            for device, stream in self.streams.items():
+                for w in (weights.get(device), (weights64 or {}).get(device)):
+                    if w is not None:  # freed on the current stream while the side stream may still read it
+                        w.record_stream(stream)
+                self.done[device] = stream.record_event()
         if switch:  # the params were written on the side stream: the next forward must see them
             self.params_read()
 
@@ -104,25 +130,58 @@ class OverlapEngine:
     def check(self) -> None:
         """Errors surface at the call on this engine: nothing to report later."""
 
+    def clear_error(self) -> None:
+        """Nothing kept: see :meth:`check`."""
+
     def close(self) -> None:
         """Nothing to release: the streams go with the engine."""
-
-    staging_bytes = 0
 
 
 class _Job:
     """One update for the worker: its weights (on the CPU: 0-d, or (K,) with K EMAs), the events
-    the copies wait for (CUDA params), and its number (for error messages)."""
+    the copies wait for (CUDA params), its number (for messages) and the params' version
+    counters when it was handed over (a write before the worker has read them changes them)."""
 
-    __slots__ = ("number", "ready", "weights", "weights64")
+    __slots__ = ("number", "ready", "versions", "weights", "weights64")
 
     def __init__(
-        self, weights: Tensor, weights64: Tensor | None, ready: dict[torch.device, torch.cuda.Event], number: int
+        self,
+        weights: Tensor,
+        weights64: Tensor | None,
+        ready: dict[torch.device, torch.cuda.Event],
+        number: int,
+        versions: int | None,
     ) -> None:
         self.weights = weights
         self.weights64 = weights64
         self.ready = ready
         self.number = number
+        self.versions = versions
+
+
+class _Task:
+    """One piece of the worker's pass: a chunk of a bucket (or a whole bucket read directly), with
+    its views made once (views made per call would change the bucket storage's use count, which
+    the placement check reads)."""
+
+    __slots__ = ("backend", "bucket", "copy_only", "emas", "param", "staged")
+
+    def __init__(self, storage: EMAStorage, bucket: FlatBucket, start: int, end: int, staged: Tensor | None) -> None:
+        self.bucket = bucket
+        self.param = bucket.param_flat[start:end]
+        self.emas = [e[start:end] for e in storage.bucket_emas(bucket)]
+        self.staged = staged
+        self.backend = storage.backend_of(bucket)
+        self.copy_only = storage.is_copy_only(bucket)
+
+
+class OffloadWorkerError(RuntimeError):
+    """The offload worker failed during an update: the EMA holds a partial update of that step."""
+
+
+class OffloadRaceWarning(RuntimeWarning):
+    """A param was written while the offload worker was still reading it (no ``wait()`` or
+    ``attach()`` before the write): that update of the EMA may hold the new values."""
 
 
 class OffloadEngine:
@@ -137,20 +196,34 @@ class OffloadEngine:
         self.storage = storage
         self.chunk_elements = chunk_elements
         buckets = [b for b in storage.buckets if b.param_flat.numel()]
+        self.buckets = buckets
+        self._params = [p for b in buckets for p in b.params]
         self.cuda_devices = sorted({b.device for b in buckets if b.device.type == "cuda"}, key=str)
-        pinned = bool(self.cuda_devices)
         longest = max((b.param_flat.numel() for b in buckets), default=0)
         chunk = min(chunk_elements, longest)
         widest = max((b.param_flat.element_size() for b in buckets), default=1)
-        # (bucket, start, end): chunks through the staging ring, or whole buckets read directly
-        self.tasks: list[tuple[FlatBucket, int, int]] = []
+        spans = []  # (bucket, start, end): chunks through the staging ring, or whole buckets read directly
         for b in buckets:
             n = b.param_flat.numel()
             step = chunk if staging_chunks else n
-            self.tasks += [(b, start, min(start + step, n)) for start in range(0, n, step)]
-        ring = min(staging_chunks, len(self.tasks))
-        self.staging = [torch.empty(chunk * widest, dtype=torch.uint8, pin_memory=pinned) for _ in range(ring)]
+            spans += [(b, start, min(start + step, n)) for start in range(0, n, step)]
+        ring = min(staging_chunks, len(spans))
+        # Only the staging is pinned (the copies into it are asynchronous): the EMA itself is read and
+        # written by the host alone, and pinned blocks are rounded up to a power of two.
+        self.staging = [
+            torch.empty(chunk * widest, dtype=torch.uint8, pin_memory=bool(self.cuda_devices)) for _ in range(ring)
+        ]
         self.staging_bytes = sum(s.numel() for s in self.staging)
+        self.tasks = [
+            _Task(
+                storage,
+                b,
+                start,
+                end,
+                self.staging[i % ring][: (end - start) * b.param_flat.element_size()].view(b.dtype) if ring else None,
+            )
+            for i, (b, start, end) in enumerate(spans)
+        ]
         self.copy_streams = {device: torch.cuda.Stream(device) for device in self.cuda_devices}
         self._jobs: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
         self._idle = threading.Event()
@@ -159,8 +232,11 @@ class OffloadEngine:
         self._read.set()
         self._read_events: dict[torch.device, torch.cuda.Event] = {}
         self._error: tuple[BaseException, str, int] | None = None
-        self._thread: threading.Thread | None = None
+        self._raced: int | None = None
         self._submitted = 0
+        self._thread = threading.Thread(target=self._run, name="sema-offload", daemon=True)
+        self._thread.start()
+        _ENGINES.add(self)
 
     # --- the training thread ------------------------------------------------------------------
 
@@ -172,16 +248,21 @@ class OffloadEngine:
         self.finish()  # at most one update in flight (and a worker error surfaces here)
         ready = {device: torch.cuda.current_stream(device).record_event() for device in self.cuda_devices}
         self._submitted += 1
-        job = _Job(weights[_CPU], None if weights64 is None else weights64.get(_CPU), ready, self._submitted)
-        self._idle.clear()
-        self._read.clear()
-        self._read_events = {}
-        if self._thread is None:
-            self._thread = threading.Thread(target=self._run, name="sema-offload", daemon=True)
-            self._thread.start()
-        self._jobs.put(job)
+        # The race check reads every param's version counter (O(params)): on a few updates only.
+        versions = self._versions() if self._submitted % RACE_CHECK_EVERY in (1, 2) else None
+        job = _Job(weights[_CPU], None if weights64 is None else weights64.get(_CPU), ready, self._submitted, versions)
+        try:
+            self._idle.clear()
+            self._read.clear()
+            self._read_events = {}
+            self._jobs.put(job)
+        except BaseException:  # an interrupt before the job was queued: nothing is in flight
+            self._read.set()
+            self._idle.set()
+            raise
         if switch:
             self.finish()
+            wait_for_readers(self.storage, self)
             self.storage.switch_(0)
 
     def params_read(self) -> None:
@@ -198,7 +279,17 @@ class OffloadEngine:
         self.check()
 
     def check(self) -> None:
-        """Raise the worker's error, if it failed: at every call until the EMA is reloaded or reset."""
+        """Raise the worker's error, if it failed: at every call until the EMA is reloaded or reset;
+        warn once about a write that raced the worker's read."""
+        if self._raced is not None:
+            number, self._raced = self._raced, None
+            warnings.warn(
+                f"SwitchEMA: a param was written while the offload worker was still reading it for update {number} "
+                "(counting this SwitchEMA's updates), so that update of the EMA may hold the new values. Call "
+                "ema.attach(optimizer), or ema.wait() before writing the params after ema.update()",
+                OffloadRaceWarning,
+                stacklevel=4,
+            )
         if self._error is not None:
             exc, trace, number = self._error
             raise OffloadWorkerError(
@@ -213,13 +304,17 @@ class OffloadEngine:
         self._error = None
 
     def close(self) -> None:
-        """Stop the worker once the pending update is done (from a finalizer: never raises)."""
-        if self._thread is not None:
-            self._jobs.put(None)
+        """Stop the worker once the pending update is done, and wait for it (a daemon thread still
+        inside a kernel at interpreter exit aborts the process). From a finalizer: never raises."""
+        self._jobs.put(None)
+        if threading.current_thread() is not self._thread:
+            self._thread.join()
 
     # --- the worker -----------------------------------------------------------------------------
 
     def _run(self) -> None:
+        if self.cuda_devices:  # else the first CUDA call of this thread makes a context on GPU 0
+            torch.cuda.set_device(self.cuda_devices[0])
         while True:
             job = self._jobs.get()
             if job is None:
@@ -232,56 +327,61 @@ class OffloadEngine:
                 self._read.set()
                 self._idle.set()
 
+    def _versions(self) -> int:
+        """The sum of the params' version counters: any in-place write to one raises it (a param
+        re-pointed into a bucket keeps its own counter, not the bucket's)."""
+        return sum(map(_VERSION, self._params))
+
+    def _params_read(self, job: _Job, events: dict[torch.device, torch.cuda.Event]) -> None:
+        """Every read of the params is done (CPU) or issued (CUDA, ``events``): let writers go."""
+        if job.versions is not None and self._versions() != job.versions:
+            self._raced = job.number
+        self._read_events = dict(events)
+        self._read.set()
+
     def _process(self, job: _Job) -> None:
         for device, event in job.ready.items():
             self.copy_streams[device].wait_event(event)
         tasks = self.tasks
         if not self.staging:  # params in host memory, read directly: one update per bucket
-            for bucket, start, end in tasks:
-                self._update_chunk(bucket, start, end, bucket.param_flat[start:end], job)
+            for task in tasks:
+                self._update(task, task.param, job)
+            self._params_read(job, {})
             return
+        ring = len(self.staging)
         last: dict[torch.device, torch.cuda.Event] = {}
-        staged: list[tuple[Tensor, torch.cuda.Event | None]] = []
+        events: list[torch.cuda.Event | None] = []
 
         def issue(i: int) -> None:
-            bucket, start, end = tasks[i]
-            size = bucket.param_flat.element_size()
-            buffer = self.staging[i % ring][: (end - start) * size].view(bucket.dtype)
-            if bucket.device.type == "cuda":
-                stream = self.copy_streams[bucket.device]
+            task = tasks[i]
+            if task.bucket.device.type == "cuda":
+                stream = self.copy_streams[task.bucket.device]
+                event = torch.cuda.Event(blocking=True)  # waited for on the host: sleep, do not spin
                 with torch.cuda.stream(stream):
-                    buffer.copy_(bucket.param_flat[start:end], non_blocking=True)
-                    event = last[bucket.device] = stream.record_event()
-                staged.append((buffer, event))
+                    task.staged.copy_(task.param, non_blocking=True)
+                    event.record(stream)
+                last[task.bucket.device] = event
+                events.append(event)
             else:
-                buffer.copy_(bucket.param_flat[start:end])
-                staged.append((buffer, None))
+                task.staged.copy_(task.param)
+                events.append(None)
             if i == len(tasks) - 1:  # every copy is issued: the params may be written after them
-                self._read_events = dict(last)
-                self._read.set()
+                self._params_read(job, last)
 
-        ring = len(self.staging)
         for i in range(min(ring, len(tasks))):
             issue(i)
-        if not tasks:
-            self._read.set()
-        for i, (bucket, start, end) in enumerate(tasks):
-            buffer, event = staged[i]
+        for i, task in enumerate(tasks):
+            event = events[i]
             if event is not None:
                 event.synchronize()
-            self._update_chunk(bucket, start, end, buffer, job)
-            staged[i] = (buffer, None)  # drop the event
+                events[i] = None
+            self._update(task, task.staged, job)
             if i + ring < len(tasks):  # into the buffer just freed
                 issue(i + ring)
 
-    def _update_chunk(self, bucket: FlatBucket, start: int, end: int, staged: Tensor, job: _Job) -> None:
-        storage = self.storage
-        backend = storage.backend_of(bucket)
-        w = job.weights64 if bucket.dtype == torch.float64 and job.weights64 is not None else job.weights
-        emas = storage.bucket_emas(bucket)
-        if storage.num_emas > 1:
-            if storage.is_copy_only(bucket):
-                w = torch.ones_like(w)
-            ops.dispatch_update_k([e[start:end] for e in emas], staged, w, None, backend)
+    def _update(self, task: _Task, source: Tensor, job: _Job) -> None:
+        w = job.weights64 if task.bucket.dtype == torch.float64 and job.weights64 is not None else job.weights
+        if self.storage.num_emas > 1:
+            ops.dispatch_update_k(task.emas, source, torch.ones_like(w) if task.copy_only else w, None, task.backend)
         else:
-            ops.dispatch_update(emas[0][start:end], staged, 1.0 if storage.is_copy_only(bucket) else w, False, backend)
+            ops.dispatch_update(task.emas[0], source, 1.0 if task.copy_only else w, False, task.backend)

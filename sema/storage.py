@@ -279,6 +279,14 @@ class EMAStorage:
                         grouped.append((device, dtype, ours, target, copies))
                 if outside:
                     fresh.append((device, dtype, outside, target, copies))
+        if ema_device is not None and grouped:
+            names = [n for _, _, members, _, _ in grouped for n, _ in members]
+            raise ValueError(
+                f"SwitchEMA(ema_device='cpu'): {len(names)} param(s) cannot go into a bucket of their own "
+                f"({', '.join(names[:4])}{' ...' if len(names) > 4 else ''}): another SwitchEMA holds them in a bucket "
+                "with params this one does not track. An offloaded EMA runs on flat buckets only: build it over the "
+                "same params as the other one (or over the whole model), or keep it beside the params"
+            )
         # All or nothing: if anything fails once buckets are built (an allocation, say), every
         # param points at its old memory again (build_buckets itself undoes a failed bucket).
         for device, dtype, members, target, copies in grouped:

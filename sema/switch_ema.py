@@ -21,7 +21,13 @@ from torch.optim.optimizer import register_optimizer_step_pre_hook
 from sema import ops
 from sema.buckets import FlatBucket, check_aliasing, plan_buckets
 from sema.module_view import build_module_view
-from sema.offload import OFFLOAD_CHUNK_ELEMENTS, OffloadEngine, OverlapEngine, staging_chunks_for
+from sema.offload import (
+    OFFLOAD_CHUNK_ELEMENTS,
+    OffloadEngine,
+    OverlapEngine,
+    staging_chunks_for,
+    wait_for_readers,
+)
 from sema.policy import SwitchPolicy
 from sema.schedules import DecaySchedule, copy_updates_of
 from sema.selection import ParamSelection
@@ -399,7 +405,7 @@ class SwitchEMA:
 
     @property
     def staging_bytes(self) -> int:
-        """Host memory of the offload pipeline's two staging buffers (pinned for CUDA params), in bytes."""
+        """Host memory of the offload pipeline's staging ring (pinned for CUDA params), in bytes."""
         return self._engine.staging_bytes if self._engine is not None else 0
 
     def as_module(self, index: int = 0) -> nn.Module:
@@ -484,6 +490,9 @@ class SwitchEMA:
                     "SwitchEMA.update inside CUDA-graph capture with ema_device='cpu': the offload worker runs "
                     "on the host, which a graph cannot replay. Call update() outside the graph"
                 )
+            if self.policy.counts_on_host:
+                self._update_counted(switch)  # refuses capture, as without overlap
+                return
             self._update_now(switch, traced=True, engine=False)  # in a graph: the graph orders it
             return
         self._engine.check()
@@ -499,14 +508,13 @@ class SwitchEMA:
         weights64 = None
         if self._fp64:  # fp64 params: the weight in fp64 too
             weights64 = {device: self._weights(step, known, torch.float64) for device, step in self._steps.items()}
-        handed_over = engine and self._engine is not None
-        if not handed_over:
+        if engine and self._engine is not None:
+            self._engine.update(weights, weights64, switch)  # first: if it fails, nothing is counted
+        else:
             self.storage.update_(weights, switch, weights64=weights64)
         self.tracked_buffers.update_(weights)
         for step in self._steps.values():
             step.add_(1)
-        if handed_over:  # last: a worker woken earlier would take the GIL at the torch calls above
-            self._engine.update(weights, weights64, switch)
         if traced:
             self._traced_updates = True
         else:
@@ -577,6 +585,7 @@ class SwitchEMA:
         self._check_placement("switch")
         self._report_newly_trainable()
         self.synchronize()
+        wait_for_readers(self.storage, self._engine)  # another SwitchEMA's update of these params
         self.storage.switch_(index)
         self._after_switch()
 
@@ -605,6 +614,7 @@ class SwitchEMA:
         self._check_index("swapped", index)
         self._check_placement("swapped")
         self.synchronize()
+        wait_for_readers(self.storage, self._engine)
         counters = self.storage.version_counters()
         undo: list[Callable[[], None]] = []
         versions: list[int] | None = None
@@ -821,14 +831,17 @@ class SwitchEMA:
         self.synchronize()
         ema_of = {id(p): (p, e) for _, p, e in self.storage.named_emas(index)}
         buffer_of = {id(b): e for b, e in zip(self.tracked_buffers.buffers, self.tracked_buffers.emas, strict=True)}
-        out = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+        # An offloaded EMA gives every tensor on the host (a copy of the model on the GPU is what
+        # offloading avoids).
+        to = {"device": "cpu"} if self.ema_device is not None else {}
+        out = {k: v.detach().to(**to, copy=True) for k, v in self.model.state_dict().items()}
         for name, p in self.model.named_parameters(remove_duplicate=False):
             if id(p) in ema_of and name in out:
                 param, e = ema_of[id(p)]
                 out[name] = as_param_layout(param, e.detach().to(p.dtype, copy=True))
         for name, b in self.model.named_buffers(remove_duplicate=False):
             if id(b) in buffer_of and name in out:
-                out[name] = buffer_of[id(b)].detach().to(b.dtype, copy=True)
+                out[name] = buffer_of[id(b)].detach().to(dtype=b.dtype, **to, copy=True)
         if full:
             out = {k: v.full_tensor() if is_dtensor(v) else v for k, v in out.items()}
             if torch.distributed.is_available() and torch.distributed.is_initialized():

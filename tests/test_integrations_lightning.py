@@ -134,18 +134,18 @@ def test_fit_updates_per_optimizer_step_and_switches_every_epoch(tmp_path, preci
     oracle = EmaOracle(callback, DECAY)
     trainer = make_trainer(tmp_path, [callback, oracle], precision=precision, accumulate_grad_batches=accumulate)
     train, val = loaders()
-    attached = []
-    original = SwitchEMA.attach
+    waits = []
+    original = SwitchEMA.wait
 
-    def counted(ema, optimizer):
-        attached.append(optimizer)
-        return original(ema, optimizer)
+    def counted(ema):
+        waits.append(ema.step)
+        return original(ema)
 
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(SwitchEMA, "attach", counted)
+        patch.setattr(SwitchEMA, "wait", counted)
         trainer.fit(model, train, val)
-    assert attached == trainer.optimizers  # each optimizer step waits for the update to have read the params
-    assert not callback._attached  # the hooks are gone after fit
+    # before each optimizer step (after its forward and backward), a wait for the previous update
+    assert len(waits) == trainer.global_step
     assert (callback.ema.ema_device is not None) == offload
     assert oracle.epoch_checks == 3
     assert trainer.global_step == 3 * -(-len(train) // accumulate)

@@ -14,7 +14,10 @@ does leak into the EMA without ``wait()``, so the check can fail.
 from __future__ import annotations
 
 import gc
+import subprocess
+import sys
 import threading
+import warnings
 
 import pytest
 import torch
@@ -22,7 +25,7 @@ from torch import nn
 
 import sema
 from sema import offload
-from sema.offload import OffloadWorkerError
+from sema.offload import OffloadRaceWarning, OffloadWorkerError
 
 CPP = sema.available_backends("cpu")["cpp"]
 BACKENDS = ["torch", pytest.param("cpp", marks=pytest.mark.skipif(not CPP, reason="sema._C not built"))]
@@ -210,7 +213,7 @@ class Gate:
         self.reached = threading.Event()
         self.release = threading.Event()
         self.count = 0
-        original = offload.OffloadEngine._update_chunk
+        original = offload.OffloadEngine._update
 
         def gated(engine: offload.OffloadEngine, *args: object) -> None:
             self.count += 1
@@ -219,7 +222,7 @@ class Gate:
                 assert self.release.wait(30), "gate never released"
             original(engine, *args)
 
-        monkeypatch.setattr(offload.OffloadEngine, "_update_chunk", gated)
+        monkeypatch.setattr(offload.OffloadEngine, "_update", gated)
 
 
 def big_model(seed: int) -> nn.Module:
@@ -288,8 +291,10 @@ def test_negative_control_a_racing_write_leaks(monkeypatch: pytest.MonkeyPatch) 
         for p in model.parameters():
             p.sub_(100.0)
     gate.release.set()
+    with pytest.warns(OffloadRaceWarning):
+        state = ema.state_dict()
     with pytest.raises(AssertionError, match="elements differ"):
-        assert_same_state(ref.state_dict(), ema.state_dict())
+        assert_same_state(ref.state_dict(), state)
 
 
 def test_state_dict_mid_flight_waits_and_is_exact(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -523,3 +528,122 @@ def test_updates_in_pieces_equal_one_launch(decay: float | tuple) -> None:
     assert_same_state(whole.state_dict(), pieces.state_dict())
     for p, q in zip(a.parameters(), b.parameters(), strict=True):
         assert torch.equal(p, q)
+
+
+# --- found in review -------------------------------------------------------------------------------
+
+
+def test_exit_with_an_update_in_flight_is_clean(tmp_path) -> None:
+    """The worker is joined at exit: a daemon thread killed inside a kernel aborts the process."""
+    script = tmp_path / "exit_mid_update.py"
+    script.write_text(
+        "import torch, sema\n"
+        "from torch import nn\n"
+        "model = nn.Sequential(*[nn.Linear(1024, 1024) for _ in range(8)])\n"
+        "ema = sema.SwitchEMA(model, switch_every=None, ema_device='cpu')\n"
+        "ema.update()\n"
+        "ema.update()\n"
+    )
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+
+
+def test_an_interrupted_hand_over_leaves_nothing_in_flight(monkeypatch: pytest.MonkeyPatch) -> None:
+    model = big_model(18)
+    ema = sema.SwitchEMA(model, decay=0.9, switch_every=None, ema_device="cpu")
+    ema.update()
+    good = ema.state_dict()
+
+    class Interrupting:
+        def put(self, job: object) -> None:
+            raise KeyboardInterrupt
+
+    real = ema._engine._jobs
+    monkeypatch.setattr(ema._engine, "_jobs", Interrupting())
+    with pytest.raises(KeyboardInterrupt):
+        ema.update()
+    monkeypatch.setattr(ema._engine, "_jobs", real)
+    done = threading.Event()
+    threading.Thread(target=lambda: (ema.synchronize(), done.set()), daemon=True).start()
+    assert done.wait(10), "synchronize() hangs after an interrupted update()"
+    assert_same_state(good, ema.state_dict())  # neither the EMA nor the counters took the failed update
+
+
+def test_a_write_racing_the_worker_warns(monkeypatch: pytest.MonkeyPatch) -> None:
+    model = big_model(19)
+    ema = sema.SwitchEMA(model, decay=0.5, switch_every=None, ema_device="cpu")
+    gate = Gate(monkeypatch, hold_at=1)
+    ema.update()
+    assert gate.reached.wait(30)
+    with torch.no_grad():
+        model[0].weight.add_(1.0)  # no wait(): races the worker's read
+    gate.release.set()
+    with pytest.warns(OffloadRaceWarning, match="ema.wait"):
+        ema.synchronize()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", OffloadRaceWarning)
+        ema.update()
+        ema.wait()
+        with torch.no_grad():
+            model[0].weight.add_(1.0)  # after wait(): no warning
+        ema.synchronize()
+
+
+def test_another_ema_of_the_params_waits_before_writing_them(monkeypatch: pytest.MonkeyPatch) -> None:
+    model, reference = big_model(20), big_model(20)
+    ref = sema.SwitchEMA(reference, decay=0.5, switch_every=None)
+    offloaded = sema.SwitchEMA(model, decay=0.5, switch_every=None, ema_device="cpu")
+    other = sema.SwitchEMA(model, decay=0.9, switch_every=None)  # shares the buckets
+    with torch.no_grad():
+        for p, q in zip(model.parameters(), reference.parameters(), strict=True):
+            noise = torch.randn_like(p)
+            p.add_(noise)
+            q.add_(noise)
+        for _, _, e in other.storage.named_emas():
+            e.fill_(7.0)  # what other.switch() writes into the params
+    ref.update()
+    gate = Gate(monkeypatch, hold_at=1)
+    offloaded.update()
+    assert gate.reached.wait(30)
+    switched = threading.Event()
+    threading.Thread(target=lambda: (other.switch(), switched.set()), daemon=True).start()
+    assert not switched.wait(0.3), "the other SwitchEMA wrote the params while the offload worker read them"
+    gate.release.set()
+    assert switched.wait(30)
+    assert_same_state(ref.state_dict(), offloaded.state_dict())
+    assert all(bool((p == 7.0).all()) for p in model.parameters())
+
+
+def test_offload_refuses_params_another_ema_holds_with_others() -> None:
+    model = big_model(21)
+    first = sema.SwitchEMA(model, switch_every=None)  # one bucket over both layers, kept alive
+    before = [(p.data_ptr(), p.detach().clone()) for p in model.parameters()]
+    with pytest.raises(ValueError, match="flat buckets only"):
+        sema.SwitchEMA(model, switch_every=None, ema_device="cpu", include=["0.*"])
+    for (ptr, value), p in zip(before, model.parameters(), strict=True):
+        assert p.data_ptr() == ptr and torch.equal(p, value)
+    assert first.buckets[0].params[0] is model[0].weight
+
+
+def test_the_overlap_engine_without_cuda_devices_runs_inline() -> None:
+    """OverlapEngine is only built for CUDA params; with none it runs the storage op inline, which
+    lets its bookkeeping (reset, load_state_dict, switch) run here."""
+    a, b = twins(22)
+    plain = sema.SwitchEMA(a, decay=0.9, switch_every=3, buffers="copy")
+    over = sema.SwitchEMA(b, decay=0.9, switch_every=3, buffers="copy")
+    over._engine = offload.OverlapEngine(over.storage)
+    train([(a, plain), (b, over)], 10, seed=22, dtype=torch.float32)
+    assert_same_state(plain.state_dict(), over.state_dict())
+    over.load_state_dict(plain.state_dict())
+    over.reset()
+    plain.reset()
+    assert_same_state(plain.state_dict(), over.state_dict())
+
+
+def test_averaged_state_dict_of_an_offloaded_ema_is_on_the_host() -> None:
+    model = Net()
+    ema = sema.SwitchEMA(model, switch_every=None, buffers="copy", ema_device="cpu")
+    ema.update()
+    out = ema.averaged_state_dict()
+    assert out.keys() == model.state_dict().keys()
+    assert all(t.device.type == "cpu" for t in out.values())

@@ -36,6 +36,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+import torch
 from torch import nn
 
 from sema.integrations import EvaluationSwap, check_callback_args, ensure_ema, log_switch, weights_index
@@ -111,7 +112,6 @@ class SwitchEMACallback(pl.Callback):
         self.ema: SwitchEMA | None = None
         self._pending_state: dict[str, Any] | None = None
         self._last_global_step = 0
-        self._attached: list[Any] = []
         self._swap = EvaluationSwap()
 
     def _index(self, name: str) -> int | None:
@@ -159,14 +159,15 @@ class SwitchEMACallback(pl.Callback):
         # callback state after ``on_fit_start``; it is loaded here.
         self._build(pl_module)
         self._last_global_step = trainer.global_step
-        # ema_device='cpu' or overlap=True: each optimizer step waits for the update to have read the params.
-        self._detach()
-        self._attached = [self.ema.attach(opt) for opt in trainer.optimizers]
 
-    def _detach(self) -> None:
-        for handle in self._attached:
-            handle.remove()
-        self._attached = []
+    def on_before_optimizer_step(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
+    ) -> None:
+        # ema_device='cpu' or overlap=True: the step must not write params the update has not read.
+        # Here, not in an optimizer pre-step hook: Lightning runs forward and backward inside
+        # optimizer.step(closure), and they should run beside the update.
+        if self.ema is not None:
+            self.ema.wait()
 
     # --- training --------------------------------------------------------------------------
 
@@ -182,7 +183,6 @@ class SwitchEMACallback(pl.Callback):
             log_switch("Lightning", self.ema)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._detach()
         self._swap.end()
         if self.switch_at_end:
             self.ema.switch()
