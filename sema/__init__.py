@@ -10,6 +10,7 @@ from __future__ import annotations
 from sema import ops
 from sema.backends import BackendUnavailableError, available_backends
 from sema.buckets import BucketMovedError, FlatBucket, ParamAliasError, live_state_dict
+from sema.offload import OffloadRaceWarning, OffloadWorkerError
 from sema.post_hoc import PostHocEMA
 from sema.schedules import DecaySchedule
 from sema.switch_ema import SwappedWriteError, SwitchEMA, SwitchHorizonWarning, UntrackedParamWarning
@@ -21,6 +22,8 @@ __all__ = [
     "BucketMovedError",
     "DecaySchedule",
     "FlatBucket",
+    "OffloadRaceWarning",
+    "OffloadWorkerError",
     "ParamAliasError",
     "PostHocEMA",
     "SwappedWriteError",

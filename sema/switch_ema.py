@@ -108,7 +108,7 @@ class SwitchEMA:
         include, exclude: ``fnmatch`` patterns on param names picking the params to average.
         copy_only: patterns of tracked params whose EMA is a copy refreshed at every update.
         ema_device: ``None`` (the EMA lives beside the params) or ``"cpu"``: the EMA lives in host
-            memory (pinned for CUDA params) and none on the GPU; :meth:`update` returns at once
+            memory and none on the GPU (through a pinned staging ring for CUDA params); :meth:`update` returns at once
             and a worker thread copies the params chunk by chunk into two staging buffers and
             updates the EMA there with the cpp kernel. Call :meth:`attach` (or :meth:`wait` before
             writing the params) so the next optimizer step waits for the copy. Flat buckets only.
