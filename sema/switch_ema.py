@@ -108,10 +108,11 @@ class SwitchEMA:
         include, exclude: ``fnmatch`` patterns on param names picking the params to average.
         copy_only: patterns of tracked params whose EMA is a copy refreshed at every update.
         ema_device: ``None`` (the EMA lives beside the params) or ``"cpu"``: the EMA lives in host
-            memory and none on the GPU (through a pinned staging ring for CUDA params); :meth:`update` returns at once
-            and a worker thread copies the params chunk by chunk into two staging buffers and
-            updates the EMA there with the cpp kernel. Call :meth:`attach` (or :meth:`wait` before
-            writing the params) so the next optimizer step waits for the copy. Flat buckets only.
+            memory and none on the GPU; :meth:`update` returns at once and a worker thread
+            updates the EMA with the cpp kernel (CUDA params: copied chunk by chunk through a
+            pinned staging ring; CPU params: read directly). Call :meth:`attach` (or :meth:`wait`
+            before writing the params) so the next optimizer step waits for the read. Flat
+            buckets only.
         overlap: run the update on a side stream (CUDA params), overlapping the next forward and
             backward; :meth:`attach`/:meth:`wait` order the next write to the params after it. On
             CPU params the update runs synchronously. See docs/offload.md.
