@@ -24,7 +24,8 @@ constructor, ``get_decay``, ``update(model, step=None)``, ``apply_update_``,
 
 Differences, each raised or warned with its reason rather than done silently:
 
-- ``device=`` other than the model's (EMA offload) is refused: sema's EMA lives beside the params.
+- ``device=`` other than the model's (EMA offload) is refused: this drop-in's EMA lives beside the
+  params; ``sema.SwitchEMA(model, ema_device="cpu")`` is sema's offloaded EMA.
 - ``dtype=`` other than ``torch.float32`` or the model's own dtype (a bf16 EMA of fp32 params, an
   fp64 EMA) is refused: sema keeps an EMA in fp32 or in each param's dtype.
 - The model is bucketed at construction: build the EMA after moving the model to its device and
@@ -106,8 +107,9 @@ class ModelEmaV3(nn.Module):
             raise ValueError(
                 f"ModelEmaV3(device={device!r}): the model is on {first.device}. sema.compat.timm keeps the EMA on "
                 "the params' device (its fused kernels read both in one pass), so an EMA on another device "
-                "(offload) is not supported here. Use device=None, or timm's own ModelEmaV3 for an offloaded EMA; "
-                "sema's offloaded EMA is planned as sema.SwitchEMA(model, ema_device='cpu') (issue #17)"
+                "(offload) is not supported by this drop-in. Use device=None, or sema.SwitchEMA(model, "
+                "switch_every=None, ema_device='cpu') with ema.attach(optimizer) for an EMA in host memory updated "
+                "off the training thread (docs/offload.md)"
             )
         ema_dtype = _sema_ema_dtype(model, dtype)
         for name, value in (
