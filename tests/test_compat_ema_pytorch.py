@@ -556,8 +556,114 @@ def test_moves_and_rebinding_are_refused(backend: str) -> None:
         ours.update()
     ours.ema_model = real
     ours.model.to(torch.float64)
-    with pytest.raises(BucketMovedError, match="no longer live where"):
+    with pytest.raises(BucketMovedError, match="no longer live where") as moved:
         ours.update()
+    # The error names the class the user built and the fix, not sema's internals.
+    assert "sema.compat.ema_pytorch.EMA.update()" in str(moved.value)
+    assert "before building sema.compat.ema_pytorch.EMA" in str(moved.value)
+    assert "SwitchEMA" not in str(moved.value)
+
+
+def test_ema_model_pickles_and_loads_as_an_ordinary_module(backend: str) -> None:
+    """torch.save / pickle of ema_model (its move guard is a partial of a module-level function,
+    written by reference): the loaded copy holds the same values in tensors of its own and
+    converts like any module; the live ema_model still refuses moves."""
+    kwargs = {"beta": 0.9, "update_after_step": 1, "update_every": 1}
+    _, peer, ours = train_pair("cnn", torch.float32, 4, kwargs)
+    expected = {k: v.clone() for k, v in ours.ema_model.state_dict().items()}
+    buffer = io.BytesIO()
+    torch.save(ours.ema_model, buffer)
+    buffer.seek(0)
+    for loaded in (torch.load(buffer, weights_only=False), pickle.loads(pickle.dumps(ours.ema_model))):
+        assert list(loaded.state_dict()) == list(expected)
+        for k, v in loaded.state_dict().items():
+            assert torch.equal(v, expected[k]), k
+        loaded.half()  # an ordinary module now
+        assert loaded.fc.weight.dtype == torch.float16 and loaded.bn1.running_mean.dtype == torch.float16
+    with pytest.raises(RuntimeError, match="move or convert the model before building"):
+        ours.ema_model.half()
+    for k, v in ours.ema_model.state_dict().items():
+        assert v.dtype == expected[k].dtype and torch.equal(v, expected[k]), k
+    peer.update()
+    ours.update()  # the live EMA is unaffected
+    assert check_states(peer, ours, peer.get_current_decay(), "after pickling ema_model") <= 1.0
+
+
+def _frozen_state(ema: Ours) -> dict[str, Tensor]:
+    return {k: v.clone() for k, v in ema.state_dict().items()}
+
+
+def _assert_state(ema: Ours, before: dict[str, Tensor]) -> None:
+    after = ema.state_dict()
+    assert list(after) == list(before)
+    for k, v in after.items():
+        assert torch.equal(v, before[k]), k
+
+
+def test_replaced_submodules_are_refused(backend: str) -> None:
+    """ema-pytorch follows a submodule replaced in ema_model or in the model by name (shown on
+    the real peer); sema's buckets hold the original modules' params, so the drop-in refuses
+    before changing anything, and works again once the original module is back."""
+    kwargs = {"beta": 0.5, "update_after_step": 0, "update_every": 1}
+    _, peer, ours = train_pair("cnn", torch.float32, 3, kwargs)
+    peer.ema_model.fc = nn.Linear(8, 4)
+    nn.init.zeros_(peer.ema_model.fc.weight)
+    peer.update()
+    assert peer.ema_model.fc.weight.abs().sum() > 0  # the peer averaged the new module
+
+    for owner, label in ((ours.ema_model, r"ema\.ema_model\.fc"), (ours.model, r"model\.fc")):
+        original, before = owner.fc, _frozen_state(ours)
+        owner.fc = nn.Linear(8, 4)
+        for call in (ours.update, ours.copy_params_from_model_to_ema, ours.copy_params_from_ema_to_model):
+            with pytest.raises(RuntimeError, match=label + r" was replaced or removed.*load_state_dict"):
+                call()
+        owner.fc = original
+        _assert_state(ours, before)
+    bn2 = ours.ema_model.bn2
+    del ours.ema_model.bn2  # a removed submodule (its buffers are on the tensor path)
+    with pytest.raises(RuntimeError, match=r"ema\.ema_model\.bn2 was replaced or removed"):
+        ours.update()
+    ours.ema_model.bn2 = nn.BatchNorm2d(8)  # an equal module, but not the one sema built on
+    with pytest.raises(RuntimeError, match=r"ema\.ema_model\.bn2 was replaced"):
+        ours.update()
+    # Negative control: with the original modules back, update() runs (step counted once, EMA moved).
+    ours.ema_model.bn2 = bn2
+    steps, fc = int(ours.step), ours.ema_model.fc.weight.detach().clone()
+    ours.update()
+    assert int(ours.step) == steps + 1 and not torch.equal(ours.ema_model.fc.weight, fc)
+
+
+@pytest.mark.parametrize("include_online_model", [True, False])
+def test_another_online_model_is_refused(include_online_model: bool, backend: str) -> None:
+    """ema-pytorch averages toward whatever ``online_model`` holds now (shown on the real peer);
+    sema's buckets hold the params of the model the EMA was built on, so the drop-in refuses."""
+    kwargs = {"beta": 0.5, "update_after_step": 0, "update_every": 1, "include_online_model": include_online_model}
+    _, peer, ours = train_pair("cnn", torch.float32, 3, kwargs)
+
+    def swap(ema: nn.Module, model: nn.Module) -> None:
+        if include_online_model:
+            ema.online_model = model
+        else:
+            ema.online_model[0] = model
+
+    other = make_model("cnn", torch.float32, seed=7)
+    before_peer = peer.ema_model.fc.weight.detach().clone()
+    swap(peer, copy.deepcopy(other))
+    peer.update()
+    target = other.fc.weight.detach()
+    assert (peer.ema_model.fc.weight - target).abs().max() < (before_peer - target).abs().max()
+
+    original = ours.model
+    swap(ours, copy.deepcopy(other))
+    before = _frozen_state(ours)
+    for call in (ours.update, ours.copy_params_from_model_to_ema, ours.update_model_with_ema):
+        with pytest.raises(RuntimeError, match="online_model is no longer the model this EMA was built on"):
+            call()
+    _assert_state(ours, before)
+    swap(ours, original)
+    steps = int(ours.step)
+    ours.update()
+    assert int(ours.step) == steps + 1
 
 
 class TiedLM(nn.Module):

@@ -27,9 +27,13 @@ What differs from ema-pytorch:
 - ``ema_model`` is not a free-standing deep copy: its trainable params are views of sema's EMA
   buckets (in-place edits of them do reach the EMA, as in ema-pytorch). Rebinding one
   (``ema.ema_model.fc.weight = nn.Parameter(...)``, ``load_state_dict(assign=True)``,
-  ``param.data = ...``) or assigning ``ema.ema_model = other`` would cut it off from the EMA,
-  so the next ``update()`` raises instead. A user ``ema_model=`` module is adopted in place:
-  its params are re-pointed to the EMA buckets (``ema.ema_model is`` that module).
+  ``param.data = ...``), assigning ``ema.ema_model = other``, replacing a submodule of
+  ``ema_model`` or of the model (``ema.ema_model.fc = nn.Linear(...)``) or pointing
+  ``ema.online_model`` at another model would cut the EMA off from what it averages, so the next
+  ``update()`` (and ``copy_params_from_*``, ``load_state_dict``) raises instead; ema-pytorch follows
+  the new module by name. Load new weights into the existing modules in place instead.
+  A user ``ema_model=`` module is adopted in place: its params are re-pointed to the EMA
+  buckets (``ema.ema_model is`` that module).
 - The EMA lives on the model's device. Moving or converting ``ema`` / ``ema.ema_model``
   (``.to()``, ``.cuda()``, ``.half()``) is refused when it would move any tensor of the models
   (moving only the ``step``/``initted`` buffers is fine): move the model before building the
@@ -49,7 +53,8 @@ What differs from ema-pytorch:
   move, convert, wrap or compile the model afterwards and the next ``update()`` says so.
 - A non-module ``model`` (ema-pytorch's ``EMAPytree``) and pickling / ``copy.deepcopy`` of the
   EMA are not supported (the params live in buckets shared with the model): save
-  ``ema.state_dict()`` instead.
+  ``ema.state_dict()`` instead. ``torch.save(ema.ema_model)`` / ``pickle`` of ``ema_model``
+  works, and what loads is an ordinary module (no move guard, its own tensors).
 - ``ema.state_dict()`` returns views: tensors of one bucket share a storage, which ``torch.save``
   writes once but safetensors refuses (clone them first).
 """
@@ -72,6 +77,8 @@ from sema.switch_ema import SwitchEMA
 
 # The dtypes whose params sema's buckets hold; other float params (complex) go the tensor path.
 _BUCKET_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+
+_NAME = "sema.compat.ema_pytorch.EMA"
 
 # Modules of an ``ema_model`` whose params are views of a live EMA: ``_apply`` (``.to()``,
 # ``.half()``, ...) refuses to move them (see _refuse_moves).
@@ -149,6 +156,31 @@ def _slot(module: nn.Module, name: str, kind: str) -> tuple[dict, str]:
 
 def _names_pattern(name: str) -> str:
     return glob.escape(name)
+
+
+class _ModuleEdges:
+    """Every (parent, name) -> child link of a module tree, as built: ``replaced()`` names the
+    links that now hold another module (or none), one C-level identity pass when none does."""
+
+    def __init__(self, root: nn.Module) -> None:
+        edges = [
+            (f"{path}.{key}" if path else key, parent._modules, key, child)
+            for path, parent in root.named_modules()
+            for key, child in parent._modules.items()
+        ]
+        self._names = [n for n, _, _, _ in edges]
+        self._dicts = [d for _, d, _, _ in edges]
+        self._keys = [k for _, _, k, _ in edges]
+        self._children = [c for _, _, _, c in edges]
+
+    def replaced(self) -> list[str]:
+        if all(map(operator.is_, map(dict.get, self._dicts, self._keys), self._children)):
+            return []
+        return [
+            n
+            for n, d, k, c in zip(self._names, self._dicts, self._keys, self._children, strict=True)
+            if d.get(k) is not c
+        ]
 
 
 class _TensorGroup:
@@ -348,6 +380,8 @@ class EMA(nn.Module):
                 exclude=excluded or None,
                 copy_only=copies or None,
             )
+            # Its placement errors (a moved or converted model) name this class, not SwitchEMA.
+            switch_ema._placement.owner = _NAME
         views = {} if switch_ema is None else {name: e for name, _, e in switch_ema.storage.named_emas()}
         with torch.no_grad():
             if template is None:
@@ -364,7 +398,10 @@ class EMA(nn.Module):
         self.switch_ema = switch_ema
         for module in view.modules():
             _GUARDED.add(module)
-            object.__setattr__(module, "_apply", _refuse_moves.__get__(module))
+            # A partial of a module-level function, not a bound method: ``torch.save`` /
+            # ``pickle`` of ema_model writes it by reference, and the loaded copy (not guarded)
+            # is an ordinary module.
+            object.__setattr__(module, "_apply", partial(_refuse_moves, module))
         for name in self.forward_method_names:
             setattr(self, name, getattr(view, name))
 
@@ -383,6 +420,9 @@ class EMA(nn.Module):
         self._ema_views = [e for _, e in tracked]
         self._view_names = [n for n, _ in tracked]
         self._devices = [] if switch_ema is None else list(switch_ema.storage.backends)
+        object.__setattr__(self, "_online", model)  # not a submodule: online_model is (or a list)
+        self._view_edges = _ModuleEdges(view)
+        self._model_edges = _ModuleEdges(model)
 
     def _is_ignored(self, name: str) -> bool:
         return name in self.ignore_names or any(name.startswith(prefix) for prefix in self.ignore_startswith_names)
@@ -472,9 +512,26 @@ class EMA(nn.Module):
         name sets as at construction."""
         if self._modules.get("ema_model") is not self._view:
             raise RuntimeError(
-                f"EMA.{where}(): ema.ema_model was replaced by another module; sema's EMA lives in the buckets that "
-                "the original ema_model's params view. Load weights into it (ema.ema_model.load_state_dict) instead"
+                f"{_NAME}.{where}(): ema.ema_model was replaced by another module; sema's EMA lives in buckets "
+                "that the original ema_model's params view. Put it back and load weights into it instead "
+                "(ema.ema_model.load_state_dict)"
             )
+        if self.model is not self._online:
+            raise RuntimeError(
+                f"{_NAME}.{where}(): ema.online_model is no longer the model this EMA was built on; sema's buckets "
+                "hold that model's params (ema-pytorch would average toward the new model). Build a new EMA on the "
+                "new model, or copy its weights into the original one in place (ema.model.load_state_dict(...))"
+            )
+        for edges, prefix in ((self._view_edges, "ema.ema_model."), (self._model_edges, "model.")):
+            replaced = [prefix + n for n in edges.replaced()]
+            if replaced:
+                raise RuntimeError(
+                    f"{_NAME}.{where}(): submodule {', '.join(replaced[:8])} was replaced or removed after the EMA "
+                    "was built; sema's buckets hold the original module's params (ema-pytorch would average the new "
+                    f"module's). Load the new weights into the existing module in place "
+                    f"({replaced[0]}.load_state_dict(new_module.state_dict())), or build the EMA after changing the "
+                    "model's structure"
+                )
         current = {
             "param_or_buffer_names_no_ema": self.param_or_buffer_names_no_ema,
             "ignore_names": self.ignore_names,
@@ -483,8 +540,8 @@ class EMA(nn.Module):
         for name, value in current.items():
             if set(value) != self._names_at_build[name]:
                 raise RuntimeError(
-                    f"EMA.{where}(): {name} changed after construction; sema decides what to average when it builds "
-                    f"its buckets. Pass {name} to the constructor"
+                    f"{_NAME}.{where}(): {name} changed after construction; sema decides what to average when it "
+                    f"builds its buckets. Pass {name} to the constructor"
                 )
         if self.switch_ema is not None:
             self.switch_ema._check_placement(where, hot=where == "update")
@@ -499,7 +556,7 @@ class EMA(nn.Module):
                 if d.get(k) is not p or p.data_ptr() != e.data_ptr()
             ]
             raise RuntimeError(
-                f"EMA.{where}(): ema_model param(s) {', '.join(cut[:8])} no longer view sema's EMA (rebound, "
+                f"{_NAME}.{where}(): ema_model param(s) {', '.join(cut[:8])} no longer view sema's EMA (rebound, "
                 "load_state_dict(assign=True) or param.data = ...). Write into them in place instead "
                 "(ema.ema_model.load_state_dict(sd), param.copy_(...))"
             )
@@ -750,7 +807,7 @@ class EMA(nn.Module):
         params that view sema's buckets."""
         if assign:
             raise ValueError(
-                "EMA.load_state_dict(assign=True) would replace the EMA params, which are views of sema's buckets "
+                f"{_NAME}.load_state_dict(assign=True) would replace the EMA params, which are views of sema's buckets "
                 "(and the model's params, which live in them); load with assign=False (the default)"
             )
         if self._view is not None:
