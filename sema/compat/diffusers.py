@@ -19,13 +19,17 @@ unet.parameters())``) needs neither the copy nor the staging buffer, nor the sep
 
 What differs from diffusers (each raises with the reason, never silently):
 
-- Numbers: the update is ``torch.lerp(ema, param, 1 - decay)`` in fp32 (rounded once to the EMA's
-  dtype), diffusers computes ``ema - (1 - decay) * (ema - param)`` in the EMA's dtype. In fp32 the
-  two agree to fp32 rounding; with bf16/fp16 params and an EMA in their dtype, sema rounds once
-  where diffusers rounds three times (twice with ``foreach=True``), so sema is the closer of the
-  two to the exact average and they differ by a few bf16 units in the last place.
+- Numbers: an fp32 EMA is updated by sema's fused ``torch.lerp(ema, param, 1 - decay)``, where
+  diffusers computes ``ema - (1 - decay) * (ema - param)``: the two agree to fp32 rounding, not
+  bit for bit. A bf16/fp16 EMA (bf16/fp16 params without ``to(dtype=torch.float32)``) runs
+  diffusers' own arithmetic, so it is bit for bit diffusers' EMA, for ``foreach=False``
+  (``s.sub_(w * (s - p))``, on each flat bucket: three ops per bucket) and ``foreach=True``
+  (``_foreach_sub_(s, _foreach_sub(s, p), alpha=w)`` on the per-param views, as diffusers calls
+  it: its rounding depends on each tensor's length). For the fused kernel and a better average of
+  bf16 params, give the EMA float32 (``ema.to(dtype=torch.float32)``, as with diffusers).
 - ``parameters`` must be ``nn.Parameter`` objects (sema keeps the EMA beside them), distinct,
-  float32/bfloat16/float16, and not empty. Calls that take parameters (``step``, ``copy_to``,
+  float32/bfloat16/float16 (float64: the fused update takes an fp32 weight; use
+  ``sema.SwitchEMA``), and not empty. Calls that take parameters (``step``, ``copy_to``,
   ``restore``) need as many as the EMA holds; diffusers would silently ``zip`` a shorter list.
 - ``to(device=...)`` keeps the EMA beside the params it was built from: it moves the EMA to a
   device where those params live now (``model.to(device)`` first, then ``ema.to(device)``), and
@@ -36,7 +40,14 @@ What differs from diffusers (each raises with the reason, never silently):
 - ``load_state_dict`` copies the saved shadow params into the EMA (its device stays; its dtype
   follows the saved one where ``to(dtype=...)`` allows it); diffusers adopts the saved tensors.
   A state of another model (count or shapes differ) raises before anything changes.
-- ``shadow_params`` are views of the flat EMA buffers; assigning a list copies it in.
+- ``shadow_params`` are views of the flat EMA buffers (one list, as diffusers' attribute; an
+  in-place write writes the EMA). Assigning a list copies it in; an entry replaced in the list
+  (``ema.shadow_params[i] = t``) is copied into the EMA at the next call (``step``, ``copy_to``,
+  ``to``, ``state_dict``, ``load_state_dict``) and the entry is the view again, so later steps
+  do not update ``t`` itself, as diffusers' would. A replacement whose dtype does not fit (see
+  ``to(dtype=...)``) raises at that call, before anything changes.
+- Inside ``torch.inference_mode()``, ``to()`` works here and the steps after it too (diffusers'
+  ``to()`` there makes inference tensors its next step outside cannot update).
 - An ``EMAModel`` cannot be deep-copied or pickled (save its ``state_dict()``).
 """
 
@@ -59,6 +70,21 @@ _shape = operator.attrgetter("shape")
 _dtype = operator.attrgetter("dtype")
 _device = operator.attrgetter("device")
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+# EMA dtypes that run diffusers' own arithmetic (its roundings), to match it bit for bit.
+PEER_ARITHMETIC_DTYPES = (torch.bfloat16, torch.float16)
+
+
+def _peer_step_(emas: list[Tensor], params: list[Tensor], w: float, foreach: bool) -> None:
+    """diffusers' update, rounding where it rounds: ``s.sub_(w * (s - p))`` tensor by tensor, or
+    with ``foreach`` ``_foreach_sub_(s, _foreach_sub(s, p), alpha=w)``. The first gives the same
+    bits on a flat bucket as on its params one by one; the second only on the params' own shapes
+    (on the CPU a tensor's last elements take a scalar ``s - w * d`` that rounds differently from
+    the vectorised one), so ``foreach`` runs on the per-param views."""
+    if foreach:
+        torch._foreach_sub_(emas, torch._foreach_sub(emas, params), alpha=w)
+        return
+    for e, p in zip(emas, params, strict=True):
+        e.sub_(w * (e - p))
 
 
 def _deprecated(message: str) -> None:
@@ -86,7 +112,8 @@ class EMAModel:
         use_ema_warmup: decay ``1 - (1 + t / inv_gamma) ** -power``; else ``(1 + t) / (10 + t)``;
             both capped at ``decay`` and floored at ``min_decay``, ``t`` counting from the first
             averaging step.
-        foreach: accepted for compatibility; sema always runs one launch per bucket or list.
+        foreach: which of diffusers' two arithmetics a bf16/fp16 EMA runs (each bit for bit
+            diffusers'); an fp32 EMA takes sema's fused ops either way.
         model_cls, model_config: for :meth:`save_pretrained` (a diffusers ``ModelMixin`` with
             ``ConfigMixin``, or any class with ``from_config``, ``register_to_config``,
             ``save_pretrained`` and ``from_pretrained``).
@@ -148,7 +175,14 @@ class EMAModel:
         """Use ``ema``'s storage: the EMA views in the order of ``self._params``."""
         view_of = {id(p): e for _, p, e in ema.storage.named_emas()}
         self._views = [view_of[id(p)] for p in self._params]
+        self._shadow_list = list(self._views)  # what `shadow_params` returns; entries replaced in it are adopted
         self._ema = ema
+        storage = ema.storage
+        self._peer_buckets = {id(b) for b in storage.buckets if b.ema_flat.dtype in PEER_ARITHMETIC_DTYPES}
+        self._peer_groups = {id(g) for g in storage.tensor_groups if g.emas[0].dtype in PEER_ARITHMETIC_DTYPES}
+        self._peer_index = [i for i, e in enumerate(self._views) if e.dtype in PEER_ARITHMETIC_DTYPES]
+        self._peer_views = [self._views[i] for i in self._peer_index]
+        self._peer_params = [self._params[i] for i in self._peer_index]
         self._in_buckets = True  # params still where the buckets put them (else: the list path)
         self._devices = sorted({e.device for e in self._views}, key=str)
         self._shapes = list(map(_shape, self._params))
@@ -156,6 +190,7 @@ class EMAModel:
         self._param_devices = list(map(_device, self._params))
         self._staging: list[tuple[Any, Tensor]] | None = None  # built on the first step() with other params
         self._staging_views: list[Tensor] = []
+        self._peer_staging_views: list[Tensor] = []
 
     def __deepcopy__(self, memo: dict) -> EMAModel:
         raise TypeError(
@@ -173,8 +208,10 @@ class EMAModel:
 
     @property
     def shadow_params(self) -> list[Tensor]:
-        """The EMA of each param (views of the flat EMA buffers, in the order given)."""
-        return list(self._views)
+        """The EMA of each param (views of the flat EMA buffers, in the order given). One list:
+        an entry replaced in it (``ema.shadow_params[i] = t``) is copied into the EMA at the next
+        call, as diffusers would then average ``t``."""
+        return self._shadow_list
 
     @shadow_params.setter
     def shadow_params(self, values: list[Tensor]) -> None:
@@ -227,18 +264,48 @@ class EMAModel:
             )
             parameters = parameters.parameters()
         params = self._given(parameters, "step")
+        self._adopt_shadow_writes()
         decay = self.get_decay(self.optimization_step + 1)
         w = 1 - decay
         storage = self._ema.storage
+        # bf16/fp16 EMAs: diffusers' own arithmetic (on each flat bucket, or with foreach on the
+        # per-param views in one _foreach call), bit for bit its numbers; fp32 EMAs: sema's fused ops.
+        peer_buckets, peer_groups = self._peer_buckets, self._peer_groups
+        foreach = bool(self.foreach) and bool(self._peer_index)
         if self._fused(params):
-            storage.update_({d: self._weight(d, w) for d in self._devices}, switch=False)
+            if not peer_buckets and not peer_groups:
+                storage.update_({d: self._weight(d, w) for d in self._devices}, switch=False)
+            else:
+                for bucket in storage.buckets:
+                    if id(bucket) not in peer_buckets:
+                        weight, backend = self._weight(bucket.device, w), storage.backend_of(bucket)
+                        ops.dispatch_update(bucket.ema_flat, bucket.param_flat, weight, False, backend)
+                    elif not foreach:
+                        _peer_step_([bucket.ema_flat], [bucket.param_flat], w, False)
+                for group in storage.tensor_groups:
+                    if id(group) not in peer_groups:
+                        weight = self._weight(group.device, w)
+                        ops.dispatch_update_multi(group.emas, group.views, weight, False, storage.backend_of(group))
+                    elif not foreach:
+                        _peer_step_(group.emas, group.views, w, False)
+                if foreach:
+                    _peer_step_(self._peer_views, self._peer_params, w, True)
         elif self._staged(params):
             for bucket, staging in self._staging:
-                weight = self._weight(bucket.device, w)
-                ops.dispatch_update(bucket.ema_flat, staging, weight, False, storage.backend_of(bucket))
+                if id(bucket) not in peer_buckets:
+                    weight = self._weight(bucket.device, w)
+                    ops.dispatch_update(bucket.ema_flat, staging, weight, False, storage.backend_of(bucket))
+                elif not foreach:
+                    _peer_step_([bucket.ema_flat], [staging], w, False)
+            if foreach:
+                _peer_step_(self._peer_views, self._peer_staging_views, w, True)
         else:
+            peer = self._peer_index
+            if peer:
+                _peer_step_(self._peer_views, [params[i] for i in peer], w, bool(self.foreach))
             for device, (views, given) in self._by_device(params).items():
-                ops.ema_update_multi_(views, given, self._weight(device, w), backend=storage.backends[device])
+                if views:
+                    ops.ema_update_multi_(views, given, self._weight(device, w), backend=storage.backends[device])
         if not all(map(_requires_grad, params)):
             frozen = [(e, p) for e, p in zip(self._views, params, strict=True) if not p.requires_grad]
             torch._foreach_copy_([e for e, _ in frozen], [p for _, p in frozen])
@@ -250,6 +317,7 @@ class EMAModel:
         """``param <- ema`` (cast to each param's dtype): one fused pass per bucket for the
         params this EMA was built from, a multi-tensor copy for any other list."""
         params = self._given(parameters, "copy_to")
+        self._adopt_shadow_writes()
         if self._fused(params):
             self._ema.storage.switch_()
             return
@@ -283,6 +351,7 @@ class EMAModel:
             raise TypeError(f"EMAModel.to: dtype must be a torch.dtype, got {dtype!r}")
         # Without dtype= the EMA keeps its dtypes (even where the params changed theirs since).
         wanted = [dtype] * len(self._views) if dtype is not None else list(map(_dtype, self._views))
+        self._adopt_shadow_writes()
         ema_dtype = _ema_dtype_for(self._params, wanted)
         moving = target is not None and any(e.device != target for e in self._views)
         if moving:
@@ -301,6 +370,7 @@ class EMAModel:
     def state_dict(self) -> dict:
         """diffusers' format: the settings, ``optimization_step`` and ``shadow_params`` (the EMA
         tensors themselves, not copies, as diffusers returns them)."""
+        self._adopt_shadow_writes()
         return {
             "decay": self.decay,
             "min_decay": self.min_decay,
@@ -350,6 +420,8 @@ class EMAModel:
             if not isinstance(values[key], types):
                 raise ValueError(f"Invalid {key}")
         shadow = state_dict.get("shadow_params", None)
+        if shadow is None:
+            self._adopt_shadow_writes()
         ema_dtype = None if shadow is None else self._check_shadow(shadow, "load_state_dict")
         self.decay = decay
         for key, value in values.items():
@@ -392,7 +464,8 @@ class EMAModel:
         ):
             return False
         if self._staging is None:
-            self._staging = [(b, torch.zeros_like(b.param_flat)) for b in storage.buckets]
+            with torch.inference_mode(False):  # built inside inference_mode, it could not be written outside
+                self._staging = [(b, torch.zeros_like(b.param_flat)) for b in storage.buckets]
             staged = {}
             for bucket, staging in self._staging:
                 for i, p in enumerate(bucket.params):
@@ -400,30 +473,35 @@ class EMAModel:
                     offset = view.storage_offset() - bucket.ema_flat.storage_offset()
                     staged[id(p)] = staging.as_strided(view.shape, view.stride(), offset)
             self._staging_views = [staged[id(p)] for p in self._params]
+            self._peer_staging_views = [self._staging_views[i] for i in self._peer_index]
         torch._foreach_copy_(self._staging_views, params)
         return True
 
     def _by_device(self, params: list[nn.Parameter]) -> dict[torch.device, tuple[list[Tensor], list[Tensor]]]:
-        if len(self._devices) == 1:
+        """The pairs for sema's multi-tensor op (EMAs outside ``PEER_ARITHMETIC_DTYPES``), by device."""
+        if len(self._devices) == 1 and not self._peer_index:
             return {self._devices[0]: (self._views, params)}
         out: dict[torch.device, tuple[list[Tensor], list[Tensor]]] = {d: ([], []) for d in self._devices}
         for e, p in zip(self._views, params, strict=True):
-            out[e.device][0].append(e)
-            out[e.device][1].append(p)
+            if e.dtype not in PEER_ARITHMETIC_DTYPES:
+                out[e.device][0].append(e)
+                out[e.device][1].append(p)
         return out
 
     def _weight(self, device: torch.device, w: float) -> Tensor:
         """``w`` as a 0-d float32 tensor on ``device``, reused while ``w`` stays the same."""
         cached = self._weights.get(device)
         if cached is None or cached[0] != w:
-            cached = (w, torch.full((), w, dtype=torch.float32, device=device))
+            with torch.inference_mode(False):
+                cached = (w, torch.full((), w, dtype=torch.float32, device=device))
             self._weights[device] = cached
         return cached[1]
 
     def _rebuild(self, ema_dtype: torch.dtype | None) -> None:
         """New storage where the params live now, in ``ema_dtype``, holding the current EMA."""
         old = self._views
-        ema = _build(self._params, ema_dtype)
+        with torch.inference_mode(False):  # buckets built inside inference_mode could not be updated outside
+            ema = _build(self._params, ema_dtype)
         view_of = {id(p): e for _, p, e in ema.storage.named_emas()}
         with torch.no_grad():
             for p, e in zip(self._params, old, strict=True):
@@ -456,10 +534,19 @@ class EMAModel:
             self._rebuild(ema_dtype)
         with torch.no_grad():
             for e, s in zip(self._views, shadow, strict=True):
-                e.copy_(s)
+                if s is not e:
+                    e.copy_(s)
+        self._shadow_list = list(self._views)  # entries replaced before are superseded by these values
 
     def _load_shadow(self, values: list[Tensor], where: str) -> None:
         self._copy_shadow(values, self._check_shadow(values, where))
+
+    def _adopt_shadow_writes(self) -> None:
+        """Copy entries of ``shadow_params`` the caller replaced into the EMA, and put the views
+        back in the list (a C-level identity check per param when nothing changed)."""
+        views, listed = self._views, self._shadow_list
+        if len(listed) != len(views) or not all(map(operator.is_, listed, views)):
+            self._load_shadow(list(listed), "shadow_params (entries replaced in the list)")
 
 
 def _check_params(params: list[object]) -> None:
@@ -478,7 +565,13 @@ def _check_params(params: list[object]) -> None:
         seen[id(p)] = i
     bad = [f"#{i} ({p.dtype})" for i, p in enumerate(params) if p.dtype not in _DTYPES]
     if bad:
-        raise TypeError(f"EMAModel: params must be float32, bfloat16 or float16; these are not: {', '.join(bad[:8])}")
+        raise TypeError(
+            f"EMAModel: params must be float32, bfloat16 or float16; these are not: {', '.join(bad[:8])}. "
+            "float64: this drop-in passes the decay to sema's fused update as a float32 weight, which would hold "
+            "an fp64 average to fp32 accuracy (diffusers computes it in fp64), and it does not wire sema's fp64 "
+            "weights. Use sema.SwitchEMA (fp64 params keep an fp64 EMA there, with fp64 weights), or train in "
+            "float32. Integer and complex params have no EMA"
+        )
 
 
 def _ema_dtype_for(params: list[nn.Parameter], dtypes: list[torch.dtype]) -> torch.dtype | None:
