@@ -471,6 +471,13 @@ def test_inference_mode_then_plain_steps_like_the_peer(dtype: torch.dtype) -> No
             pair.peer.to(dtype=torch.float32)
     assert pair.ours["torch"]._staging is not None
     assert_close_to_peer(pair.ours["torch"].shadow_params, pair.peer.shadow_params)
+    model = SmallCNN().to(dtype)
+    with torch.inference_mode():  # the params move into the buckets: they must stay trainable after it
+        ours = EMAModel(model.parameters(), decay=DECAY)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    F.cross_entropy(model(torch.randn(2, 3, 8, 8).to(dtype)).float(), torch.tensor([0, 1])).backward()
+    optimizer.step()
+    ours.step(model.parameters())
 
 
 def test_load_state_dict_adopts_an_fp32_ema_for_bf16_params() -> None:

@@ -151,7 +151,8 @@ class EMAModel:
         params = list(parameters)
         _check_params(params)
         self._params = params
-        self._ema = _build(params, None)
+        with torch.inference_mode(False):  # the params move into these buckets: never inference tensors
+            self._ema = _build(params, None)
         self._adopt(self._ema)
         self._weights: dict[torch.device, tuple[float, Tensor]] = {}
 
