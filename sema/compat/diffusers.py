@@ -33,8 +33,9 @@ What differs from diffusers (each raises with the reason, never silently):
   ``restore``) need as many as the EMA holds; diffusers would silently ``zip`` a shorter list.
 - ``to(device=...)`` keeps the EMA beside the params it was built from: it moves the EMA to a
   device where those params live now (``model.to(device)`` first, then ``ema.to(device)``), and
-  raises for any other device. Keeping the EMA on another device than its params (CPU offload) and
-  ``pin_memory()`` wait for ``sema.SwitchEMA(ema_device=...)``.
+  raises for any other device. An EMA on another device than its params (CPU offload) and
+  ``pin_memory()`` are not supported by this drop-in: ``sema.SwitchEMA(ema_device="cpu")`` is sema's
+  offloaded EMA (docs/offload.md).
 - ``to(dtype=...)`` can give the EMA float32 (e.g. bf16 params, an fp32 EMA) or each param's own
   dtype; an EMA in a lower precision than its params (fp32 params, a bf16 EMA) raises.
 - ``load_state_dict`` copies the saved shadow params into the EMA (its device stays; its dtype
@@ -328,13 +329,13 @@ class EMAModel:
         torch._foreach_copy_(params, [e.to(p.device) for e, p in zip(self._views, params, strict=True)])
 
     def pin_memory(self) -> None:
-        """Not supported yet: pinned host memory serves an EMA offloaded to the CPU while the
-        params train on the GPU, which needs ``sema.SwitchEMA(ema_device="cpu")``."""
+        """Not supported: pinned host memory serves an EMA offloaded to the CPU while the params
+        train on the GPU; ``sema.SwitchEMA(ema_device="cpu")`` is sema's offloaded EMA."""
         raise NotImplementedError(
             "sema.compat.diffusers.EMAModel.pin_memory(): pinned memory is for an EMA kept on the CPU while the "
             "params train on an accelerator (offload), and this EMA lives beside its params; the offloaded EMA "
-            "(sema.SwitchEMA(ema_device='cpu')) is not available in the drop-in yet. Drop the pin_memory() call and "
-            "the ema.to() calls around step(): the EMA then stays on the params' device"
+            "(sema.SwitchEMA(ema_device='cpu'), docs/offload.md) is not wrapped by this drop-in. Drop the "
+            "pin_memory() call and the ema.to() calls around step(): the EMA then stays on the params' device"
         )
 
     def to(
@@ -363,7 +364,7 @@ class EMAModel:
                     f"and {len(elsewhere)} of them (e.g. #{elsewhere[0]}, on {self._params[elsewhere[0]].device}) are "
                     f"not on {target}. Move them first (model.to(device), then ema.to(device)), or build the EMAModel "
                     "from params already on that device. An EMA on another device than its params (CPU offload) "
-                    "needs sema.SwitchEMA(ema_device=...), not in this drop-in yet"
+                    "is sema.SwitchEMA(ema_device='cpu') (docs/offload.md), which this drop-in does not wrap"
                 )
         if moving or list(map(_dtype, self._views)) != wanted:
             self._rebuild(ema_dtype)
