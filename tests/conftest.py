@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
+import sys
+import types
+from pathlib import Path
 
 import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
 
 # The Triton backend runs on CPU tensors only under its interpreter, which must be chosen before
 # triton is first imported (torch does not import it). Decided by whether torch sees a GPU: the
@@ -178,3 +184,40 @@ def assert_params_untouched(model: torch.nn.Module, before: dict[str, tuple[int,
         ptr, value = before[name]
         assert p.data_ptr() == ptr, f"{name} was re-pointed and not restored"
         assert_bits_equal(p.detach().flatten(), value.flatten(), name)
+
+
+# --- models and peers shared by the migration and drop-in tests --------------------------------
+
+
+class SmallCNN(nn.Module):
+    """Two conv + BatchNorm layers and a linear head: params, float buffers and an integer one."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 6, 3, padding=1)
+        self.bn1 = nn.BatchNorm2d(6)
+        self.conv2 = nn.Conv2d(6, 8, 3, stride=2, padding=1)
+        self.bn2 = nn.BatchNorm2d(8)
+        self.fc = nn.Linear(8, 4)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = F.relu(self.bn1(self.conv1(x)))
+        x = F.relu(self.bn2(self.conv2(x)))
+        return self.fc(x.mean(dim=(2, 3)))
+
+
+def load_timm_model_ema(module_name: str = "_peer_timm_model_ema") -> types.ModuleType | None:
+    """timm's ``utils/model_ema.py`` from the package ``make install`` puts in ``.venv/peers``
+    (``import timm`` itself needs torchvision, which has no build for the pinned CPU torch), or
+    from an importable timm; None where neither is there."""
+    candidates = [Path(sys.prefix) / "peers" / "timm" / "utils" / "model_ema.py"]
+    spec = importlib.util.find_spec("timm")
+    if spec is not None and spec.origin is not None:
+        candidates.append(Path(spec.origin).parent / "utils" / "model_ema.py")
+    for path in candidates:
+        if path.is_file():
+            spec = importlib.util.spec_from_file_location(module_name, path)
+            module = importlib.util.module_from_spec(spec)
+            spec.loader.exec_module(module)
+            return module
+    return None

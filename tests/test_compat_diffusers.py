@@ -36,6 +36,7 @@ from typing import Any
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import SmallCNN
 from torch import Tensor, nn
 
 import sema
@@ -49,21 +50,6 @@ TOLERANCES = {"fp32": 4.0 * EPS32}
 STEPS = 100
 DECAY = 0.9  # short memory: a start that is one step off shows within the run
 BACKENDS = ["torch"] + (["cpp"] if sema.available_backends("cpu")["cpp"][0] else [])
-
-
-class SmallCNN(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv1 = nn.Conv2d(3, 6, 3, padding=1)
-        self.bn1 = nn.BatchNorm2d(6)
-        self.conv2 = nn.Conv2d(6, 8, 3, stride=2, padding=1)
-        self.bn2 = nn.BatchNorm2d(8)
-        self.fc = nn.Linear(8, 4)
-
-    def forward(self, x: Tensor) -> Tensor:
-        x = F.relu(self.bn1(self.conv1(x)))
-        x = F.relu(self.bn2(self.conv2(x)))
-        return self.fc(x.mean(dim=(2, 3)))
 
 
 class SmallTransformer(nn.Module):

@@ -32,7 +32,7 @@ from typing import Any
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import assert_params_untouched, cpu_backends, param_snapshot
+from conftest import SmallCNN, assert_params_untouched, cpu_backends, param_snapshot
 from torch import Tensor, nn
 
 from sema.buckets import BucketMovedError
@@ -47,20 +47,7 @@ ERROR_FACTOR = 4.0
 BACKENDS = [b for b in ("torch", "cpp") if b in cpu_backends()]
 
 
-class TinyCNN(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv1 = nn.Conv2d(3, 6, 3, padding=1)
-        self.bn1 = nn.BatchNorm2d(6)
-        self.conv2 = nn.Conv2d(6, 8, 3, stride=2, padding=1)
-        self.bn2 = nn.BatchNorm2d(8)
-        self.fc = nn.Linear(8, 4)
-
-    def forward(self, x: Tensor) -> Tensor:
-        x = F.relu(self.bn1(self.conv1(x)))
-        x = F.relu(self.bn2(self.conv2(x)))
-        return self.fc(x.mean(dim=(2, 3)))
-
+class TinyCNN(SmallCNN):
     def features(self, x: Tensor) -> Tensor:
         return F.relu(self.bn1(self.conv1(x))).mean(dim=(2, 3))
 

@@ -31,18 +31,15 @@ stochastic rounding seed), which must fail the same check: the check can fail.
 from __future__ import annotations
 
 import copy
-import importlib.util
 import io
 import pickle
-import sys
-import types
 import warnings
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import load_timm_model_ema
 from torch import Tensor, nn
 
 import sema
@@ -55,21 +52,7 @@ DECAY = 0.9  # short memory: a start one step off shows within the run
 BACKENDS = ["torch"] + (["cpp"] if sema.available_backends("cpu")["cpp"][0] else [])
 
 
-def _load_timm_model_ema() -> types.ModuleType | None:
-    candidates = [Path(sys.prefix) / "peers" / "timm" / "utils" / "model_ema.py"]
-    spec = importlib.util.find_spec("timm")
-    if spec is not None and spec.origin is not None:
-        candidates.append(Path(spec.origin).parent / "utils" / "model_ema.py")
-    for path in candidates:
-        if path.is_file():
-            spec = importlib.util.spec_from_file_location("_peer_timm_model_ema_compat", path)
-            module = importlib.util.module_from_spec(spec)
-            spec.loader.exec_module(module)
-            return module
-    return None
-
-
-TIMM = _load_timm_model_ema()
+TIMM = load_timm_model_ema("_peer_timm_model_ema_compat")
 pytestmark = pytest.mark.skipif(TIMM is None, reason="timm not installed: run `make install` (puts it in .venv/peers)")
 
 

@@ -32,7 +32,7 @@ from collections.abc import Callable, Iterator
 
 import pytest
 import torch
-import torch.nn.functional as F
+from conftest import SmallCNN as SharedCNN
 from torch import Tensor, nn
 
 import sema
@@ -49,20 +49,7 @@ STEPS = 100
 BACKENDS = [name for name in ("torch", "cpp") if sema.available_backends("cpu")[name][0]]
 
 
-class SmallCNN(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv1 = nn.Conv2d(3, 6, 3, padding=1)
-        self.bn1 = nn.BatchNorm2d(6)
-        self.conv2 = nn.Conv2d(6, 8, 3, stride=2, padding=1)
-        self.bn2 = nn.BatchNorm2d(8)
-        self.fc = nn.Linear(8, 4)
-
-    def forward(self, x: Tensor) -> Tensor:
-        x = F.relu(self.bn1(self.conv1(x)))
-        x = F.relu(self.bn2(self.conv2(x)))
-        return self.fc(x.mean(dim=(2, 3)))
-
+class SmallCNN(SharedCNN):
     @staticmethod
     def batch(dtype: torch.dtype) -> Tensor:
         return torch.randn(4, 3, 8, 8, dtype=dtype)

@@ -30,18 +30,18 @@ import copy
 import importlib
 import importlib.util
 import random
-import sys
 import types
 import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import SmallCNN as TinyNet
+from conftest import load_timm_model_ema
 from torch import Tensor, nn
 
 import sema
@@ -55,21 +55,6 @@ CPP = sema.available_backends("cpu")["cpp"]
 
 def power_decay(t: float, inv_gamma: float = 1.0, power: float = 2.0 / 3.0) -> float:
     return 1.0 - (1.0 + t / inv_gamma) ** -power
-
-
-class TinyNet(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv1 = nn.Conv2d(3, 6, 3, padding=1)
-        self.bn1 = nn.BatchNorm2d(6)
-        self.conv2 = nn.Conv2d(6, 8, 3, stride=2, padding=1)
-        self.bn2 = nn.BatchNorm2d(8)
-        self.fc = nn.Linear(8, 4)
-
-    def forward(self, x: Tensor) -> Tensor:
-        x = F.relu(self.bn1(self.conv1(x)))
-        x = F.relu(self.bn2(self.conv2(x)))
-        return self.fc(x.mean(dim=(2, 3)))
 
 
 def compared_names(model: nn.Module, buffers: bool) -> list[str]:
@@ -189,23 +174,7 @@ def _named(model: nn.Module, tensors: list[Tensor]) -> dict[str, Tensor]:
     return {name: t for (name, _), t in zip(model.named_parameters(), tensors, strict=True)}
 
 
-def _load_timm_model_ema() -> types.ModuleType | None:
-    """timm's ``utils/model_ema.py`` from the package ``make install`` puts in ``.venv/peers``
-    (``import timm`` itself needs torchvision), or from an importable timm."""
-    candidates = [Path(sys.prefix) / "peers" / "timm" / "utils" / "model_ema.py"]
-    spec = importlib.util.find_spec("timm")
-    if spec is not None and spec.origin is not None:
-        candidates.append(Path(spec.origin).parent / "utils" / "model_ema.py")
-    for path in candidates:
-        if path.is_file():
-            spec = importlib.util.spec_from_file_location("_peer_timm_model_ema", path)
-            module = importlib.util.module_from_spec(spec)
-            spec.loader.exec_module(module)
-            return module
-    return None
-
-
-TIMM = _load_timm_model_ema()
+TIMM = load_timm_model_ema()
 need_timm = pytest.mark.skipif(TIMM is None, reason="timm not installed: run `make install` (puts it in .venv/peers)")
 
 
