@@ -194,7 +194,6 @@ class OffloadEngine:
         staging_chunks: int = OFFLOAD_STAGING_CHUNKS,
     ) -> None:
         self.storage = storage
-        self.chunk_elements = chunk_elements
         buckets = [b for b in storage.buckets if b.param_flat.numel()]
         self.buckets = buckets
         self._params = [p for b in buckets for p in b.params]
