@@ -120,6 +120,12 @@ class OverlapEngine:
         if switch:  # the params were written on the side stream: the next forward must see them
             self.params_read()
 
+    # update() queued the work on the side streams: once it returns, the update is in flight
+    handed_over = True
+
+    def hand_over(self) -> None:
+        """Nothing left: :meth:`update` already queued the work on the side streams."""
+
     def params_read(self) -> None:
         """The current streams wait for the pending update (no host sync)."""
         for device, event in self.done.items():
@@ -233,6 +239,8 @@ class OffloadEngine:
         self._error: tuple[BaseException, str, int] | None = None
         self._raced: int | None = None
         self._submitted = 0
+        self._pending: tuple[Tensor, Tensor | None, bool] | None = None
+        self.handed_over = True  # whether the last hand_over() queued its job (False: nothing in flight)
         self._thread = threading.Thread(target=self._run, name="sema-offload", daemon=True)
         self._thread.start()
         _ENGINES.add(self)
@@ -242,23 +250,35 @@ class OffloadEngine:
     def update(
         self, weights: dict[torch.device, Tensor], weights64: dict[torch.device, Tensor] | None, switch: bool
     ) -> None:
-        """Hand one update to the worker and return; with ``switch``, wait for it and put the
+        """Get one update ready for the worker: wait for the previous one (at most one in flight;
+        a worker error surfaces here) and keep the weights. :meth:`hand_over` then starts it;
+        ``SwitchEMA`` calls it last in ``update()``: from then on the worker's threads take the
+        host's cores, and what the training thread still did would wait for them."""
+        self.finish()
+        self._pending = (weights[_CPU], None if weights64 is None else weights64.get(_CPU), switch)
+
+    def hand_over(self) -> None:
+        """Start the update :meth:`update` got ready; with ``switch``, wait for it and put the
         EMA into the params (host to device)."""
-        self.finish()  # at most one update in flight (and a worker error surfaces here)
+        weights, weights64, switch = self._pending
+        self._pending = None
+        self.handed_over = False
         ready = {device: torch.cuda.current_stream(device).record_event() for device in self.cuda_devices}
         self._submitted += 1
         # The race check reads every param's version counter (O(params)): on a few updates only.
         versions = self._versions() if self._submitted % RACE_CHECK_EVERY in (1, 2) else None
-        job = _Job(weights[_CPU], None if weights64 is None else weights64.get(_CPU), ready, self._submitted, versions)
+        job = _Job(weights, weights64, ready, self._submitted, versions)
         try:
             self._idle.clear()
             self._read.clear()
             self._read_events = {}
             self._jobs.put(job)
         except BaseException:  # an interrupt before the job was queued: nothing is in flight
+            self._submitted -= 1
             self._read.set()
             self._idle.set()
             raise
+        self.handed_over = True
         if switch:
             self.finish()
             wait_for_readers(self.storage, self)

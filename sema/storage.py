@@ -237,6 +237,7 @@ class EMAStorage:
         copy_only: set[str] | frozenset[str] = frozenset(),
         num_emas: int = 1,
         ema_device: torch.device | None = None,
+        keep_originals: bool = False,
     ) -> None:
         self.backends = backends
         # Offload: every EMA buffer lives on ema_device (host memory), the params stay where they
@@ -314,10 +315,24 @@ class EMAStorage:
             for p, old in zip(moving, originals, strict=True):
                 p.data = old
             raise
+        # With keep_originals, the params' old memory stays alive (no more than during the build)
+        # until the caller calls forget_originals(), or restore_originals() after a later failure.
+        self._originals = list(zip(moving, originals, strict=True)) if keep_originals else None
         self._ones: dict[tuple[torch.device, torch.dtype], Tensor] = {}
         self._bucket_storages = [b.param_flat.untyped_storage() for b in self.buckets]
         self._use_counts: tuple[int, ...] | None = None
         self.remember_placement()
+
+    def restore_originals(self) -> None:
+        """After a failure once the storage was built (``SwitchEMA``'s offload engine): every param
+        this storage moved into a bucket points at its old memory again, as before the build."""
+        for p, old in self._originals or ():
+            p.data = old
+        self._originals = None
+
+    def forget_originals(self) -> None:
+        """The build is final: free the params' old memory."""
+        self._originals = None
 
     def backend_of(self, holder: FlatBucket | TensorGroup) -> str:
         """The backend that serves a bucket or group: the device's, except for fp64, which only

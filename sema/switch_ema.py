@@ -289,14 +289,18 @@ class SwitchEMA:
             copy_only=selection.copy_only,
             num_emas=len(schedules),
             ema_device=offload_to,
+            keep_originals=offload_to is not None,  # until the offload engine is built
         )
         self._final_weights: dict[tuple[torch.device, torch.dtype], Tensor] = {}
         self._fp64 = self.storage.has_fp64
-        # One step counter per device that computes a weight: the params' (tracked buffers, the
-        # kernels) and, with offload, the host's (the worker's weights, no device-to-host copy).
+        # One step counter per device that computes a weight: where the kernels run (the params'
+        # devices, or with offload the host: the worker's weights, no device-to-host copy) and,
+        # with offload, the params' devices where tracked buffers need a weight there.
+        step_devices = list(resolved)
+        if offload_to is not None and self.tracked_buffers.buffers:
+            step_devices += param_devices
         self._steps = {
-            device: torch.zeros((), dtype=torch.int64, device=device)
-            for device in dict.fromkeys([*param_devices, *resolved])
+            device: torch.zeros((), dtype=torch.int64, device=device) for device in dict.fromkeys(step_devices)
         }
         for step in self._steps.values():
             for schedule in self.schedules:  # cached now, not inside a traced update
@@ -318,7 +322,12 @@ class SwitchEMA:
         self._placement = PlacementGuard("SwitchEMA", self.storage, self._slots)
         self._engine: OffloadEngine | OverlapEngine | None = None
         if offload_to is not None:
-            self._engine = OffloadEngine(self.storage, offload_chunk_elements, staging_chunks)
+            try:  # pinned staging, a thread: if either fails, the params go back to their old memory
+                self._engine = OffloadEngine(self.storage, offload_chunk_elements, staging_chunks)
+            except BaseException:
+                self.storage.restore_originals()
+                raise
+            self.storage.forget_originals()
         elif overlap and self._on_cuda:
             self._engine = OverlapEngine(self.storage)
         if self._engine is not None:
@@ -520,6 +529,20 @@ class SwitchEMA:
             self._traced_updates = True
         else:
             self._updates_seen += 1
+        if engine and self._engine is not None:
+            # Last: the offload worker starts here, and its threads would take the cores from
+            # whatever the training thread still had to do (bench/offload.py, host time).
+            try:
+                self._engine.hand_over()
+            except BaseException:
+                # Interrupted before the job was queued: the update is not counted (tracked buffers,
+                # updated above by a lerp that cannot be undone, keep it).
+                if not self._engine.handed_over:
+                    for step in self._steps.values():
+                        step.sub_(1)
+                    if not traced:
+                        self._updates_seen -= 1
+                raise
         if switch:
             self._after_switch()
 

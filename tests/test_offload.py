@@ -647,3 +647,51 @@ def test_averaged_state_dict_of_an_offloaded_ema_is_on_the_host() -> None:
     out = ema.averaged_state_dict()
     assert out.keys() == model.state_dict().keys()
     assert all(t.device.type == "cpu" for t in out.values())
+
+
+def test_a_failed_engine_leaves_the_params_where_they_were(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The engine is built once the storage has re-pointed the params (its tasks are views of the
+    # buckets): a failure there (a pinned allocation, a thread) must leave the model as it was.
+    model = Net()
+    model.tied = nn.Linear(24, 40)
+    model.tied.weight = nn.Parameter(model.fc1.weight.data)  # an old-style tie: two Parameters, one memory
+    before = [(p.data_ptr(), p.detach().clone()) for p in model.parameters()]
+
+    def failing(self: offload.OffloadEngine, *args: object) -> None:
+        raise MemoryError("injected: no pinned memory")
+
+    monkeypatch.setattr(offload.OffloadEngine, "__init__", failing)
+    with pytest.raises(MemoryError, match="injected"):
+        sema.SwitchEMA(model, ema_device="cpu", offload_staging_chunks=2)
+    monkeypatch.undo()
+    for p, (ptr, value) in zip(model.parameters(), before, strict=True):
+        assert p.data_ptr() == ptr, "a param was left in a bucket of the failed SwitchEMA"
+        assert torch.equal(p, value)
+    assert model.tied.weight.data_ptr() == model.fc1.weight.data_ptr(), "the tie was broken"
+    ema = sema.SwitchEMA(model, decay=0.5, switch_every=None, ema_device="cpu")  # and it builds afterwards
+    ema.update()
+    ema.synchronize()
+    assert torch.equal(ema.averaged_state_dict()["fc1.weight"], before[0][1])
+
+
+def test_the_worker_starts_after_the_update_is_counted(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The job is queued last in update(): the worker's threads would slow down whatever the
+    # training thread still did after it (bench/offload.py, host time).
+    model = big_model(21)
+    ema = sema.SwitchEMA(model, decay=0.9, switch_every=None, ema_device="cpu")
+    seen = []
+    real = ema._engine._jobs
+
+    class Recording:
+        def put(self, job: object) -> None:
+            seen.append((ema._updates_seen, int(next(iter(ema._steps.values())))))
+            real.put(job)
+
+        def get(self) -> object:
+            return real.get()
+
+    monkeypatch.setattr(ema._engine, "_jobs", Recording())
+    for _ in range(3):
+        ema.update()
+    ema.synchronize()
+    assert seen == [(1, 1), (2, 2), (3, 3)]
