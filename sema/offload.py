@@ -29,6 +29,7 @@ import threading
 import traceback
 import warnings
 import weakref
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
@@ -39,7 +40,6 @@ from sema.storage import EMAStorage
 
 # Default chunk of the offload pipeline, in param elements: 4 MiB of fp32 params (2 MiB of bf16);
 # the staging ring holds OFFLOAD_STAGING_CHUNKS buffers of one chunk each, of the widest param dtype.
-_CPU = torch.device("cpu")
 
 OFFLOAD_CHUNK_ELEMENTS = 1 << 20
 OFFLOAD_STAGING_CHUNKS = 2  # for CUDA params; CPU params are read directly unless asked otherwise
@@ -120,12 +120,6 @@ class OverlapEngine:
         if switch:  # the params were written on the side stream: the next forward must see them
             self.params_read()
 
-    # update() queued the work on the side streams: once it returns, the update is in flight
-    handed_over = True
-
-    def hand_over(self) -> None:
-        """Nothing left: :meth:`update` already queued the work on the side streams."""
-
     def params_read(self) -> None:
         """The current streams wait for the pending update (no host sync)."""
         for device, event in self.done.items():
@@ -144,22 +138,17 @@ class OverlapEngine:
 
 
 class _Job:
-    """One update for the worker: its weights (on the CPU: 0-d, or (K,) with K EMAs), the events
-    the copies wait for (CUDA params), its number (for messages) and the params' version
-    counters when it was handed over (a write before the worker has read them changes them)."""
+    """One update for the worker: how many updates came before it (its weights follow from it),
+    the events the copies wait for (CUDA params), its number on this engine (for messages) and
+    the params' version counters when it was handed over (a write before the worker has read
+    them changes them)."""
 
-    __slots__ = ("number", "ready", "versions", "weights", "weights64")
+    __slots__ = ("known", "number", "ready", "versions")
 
     def __init__(
-        self,
-        weights: Tensor,
-        weights64: Tensor | None,
-        ready: dict[torch.device, torch.cuda.Event],
-        number: int,
-        versions: int | None,
+        self, known: int, ready: dict[torch.device, torch.cuda.Event], number: int, versions: int | None
     ) -> None:
-        self.weights = weights
-        self.weights64 = weights64
+        self.known = known
         self.ready = ready
         self.number = number
         self.versions = versions
@@ -181,6 +170,31 @@ class _Task:
         self.copy_only = storage.is_copy_only(bucket)
 
 
+class _Gate:
+    """A flag the training thread closes when it hands over an update and the worker opens, waited
+    for on a plain lock: ``threading.Event`` goes through a Python-level Condition, which costs
+    tens of µs in ``update()`` once the worker has streamed the EMA through the caches."""
+
+    __slots__ = ("_lock",)
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+
+    def close(self) -> None:
+        """Only while open (the training thread waits for the previous update first)."""
+        if not self._lock.acquire(blocking=False):
+            raise RuntimeError("sema internal error: an offload update was handed over while another was in flight")
+
+    def open(self) -> None:
+        """From the worker only (opening twice is fine)."""
+        if self._lock.locked():
+            self._lock.release()
+
+    def wait(self) -> None:
+        self._lock.acquire()
+        self._lock.release()
+
+
 class OffloadWorkerError(RuntimeError):
     """The offload worker failed during an update: the EMA holds a partial update of that step."""
 
@@ -196,10 +210,17 @@ class OffloadEngine:
     def __init__(
         self,
         storage: EMAStorage,
+        step: Tensor,
+        weights_at: Callable[[Tensor, int], tuple[Tensor, Tensor | None]],
         chunk_elements: int = OFFLOAD_CHUNK_ELEMENTS,
         staging_chunks: int = OFFLOAD_STAGING_CHUNKS,
     ) -> None:
         self.storage = storage
+        # The host step counter (0-d int64): the worker computes each update's weights from it
+        # (weights_at(step, number of earlier updates): float32, and float64 for fp64 params) and
+        # counts the update there once it is done. Read it after finish().
+        self.step = step
+        self._weights_at = weights_at
         buckets = [b for b in storage.buckets if b.param_flat.numel()]
         self.buckets = buckets
         self._params = [p for b in buckets for p in b.params]
@@ -231,15 +252,12 @@ class OffloadEngine:
         ]
         self.copy_streams = {device: torch.cuda.Stream(device) for device in self.cuda_devices}
         self._jobs: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
-        self._idle = threading.Event()
-        self._idle.set()
-        self._read = threading.Event()
-        self._read.set()
+        self._idle = _Gate()  # closed while an update is in flight
+        self._read = _Gate()  # closed until the update in flight has read the params
         self._read_events: dict[torch.device, torch.cuda.Event] = {}
         self._error: tuple[BaseException, str, int] | None = None
         self._raced: int | None = None
         self._submitted = 0
-        self._pending: tuple[Tensor, Tensor | None, bool] | None = None
         self.handed_over = True  # whether the last hand_over() queued its job (False: nothing in flight)
         self._thread = threading.Thread(target=self._run, name="sema-offload", daemon=True)
         self._thread.start()
@@ -247,36 +265,25 @@ class OffloadEngine:
 
     # --- the training thread ------------------------------------------------------------------
 
-    def update(
-        self, weights: dict[torch.device, Tensor], weights64: dict[torch.device, Tensor] | None, switch: bool
-    ) -> None:
-        """Get one update ready for the worker: wait for the previous one (at most one in flight;
-        a worker error surfaces here) and keep the weights. :meth:`hand_over` then starts it;
-        ``SwitchEMA`` calls it last in ``update()``: from then on the worker's threads take the
-        host's cores, and what the training thread still did would wait for them."""
-        self.finish()
-        self._pending = (weights[_CPU], None if weights64 is None else weights64.get(_CPU), switch)
-
-    def hand_over(self) -> None:
-        """Start the update :meth:`update` got ready; with ``switch``, wait for it and put the
-        EMA into the params (host to device)."""
-        weights, weights64, switch = self._pending
-        self._pending = None
+    def hand_over(self, known: int, switch: bool) -> None:
+        """Start update number ``known`` (0-based) on the worker and return: ``SwitchEMA`` calls it
+        last in ``update()``, after :meth:`finish`. With ``switch``, wait for it and put the EMA
+        into the params (host to device). ``handed_over`` says whether the job was queued."""
         self.handed_over = False
         ready = {device: torch.cuda.current_stream(device).record_event() for device in self.cuda_devices}
         self._submitted += 1
         # The race check reads every param's version counter (O(params)): on a few updates only.
         versions = self._versions() if self._submitted % RACE_CHECK_EVERY in (1, 2) else None
-        job = _Job(weights, weights64, ready, self._submitted, versions)
+        job = _Job(known, ready, self._submitted, versions)
         try:
-            self._idle.clear()
-            self._read.clear()
+            self._idle.close()
+            self._read.close()
             self._read_events = {}
             self._jobs.put(job)
         except BaseException:  # an interrupt before the job was queued: nothing is in flight
             self._submitted -= 1
-            self._read.set()
-            self._idle.set()
+            self._read.open()
+            self._idle.open()
             raise
         self.handed_over = True
         if switch:
@@ -296,6 +303,10 @@ class OffloadEngine:
         """Return once the pending update has finished: the EMA is final (a host wait)."""
         self._idle.wait()
         self.check()
+
+    def wait_idle(self) -> None:
+        """:meth:`finish` without raising the worker's error (for reading the step counter)."""
+        self._idle.wait()
 
     def check(self) -> None:
         """Raise the worker's error, if it failed: at every call until the EMA is reloaded or reset;
@@ -343,8 +354,8 @@ class OffloadEngine:
             except BaseException as exc:  # kept, re-raised on the training thread at its next call
                 self._error = (exc, traceback.format_exc(), job.number)
             finally:
-                self._read.set()
-                self._idle.set()
+                self._read.open()
+                self._idle.open()
 
     def _versions(self) -> int:
         """The sum of the params' version counters: any in-place write to one raises it (a param
@@ -356,15 +367,19 @@ class OffloadEngine:
         if job.versions is not None and self._versions() != job.versions:
             self._raced = job.number
         self._read_events = dict(events)
-        self._read.set()
+        self._read.open()
 
     def _process(self, job: _Job) -> None:
         for device, event in job.ready.items():
             self.copy_streams[device].wait_event(event)
+        self._pass(job, *self._weights_at(self.step, job.known))
+        self.step.add_(1)  # counted once the EMA holds it: a failed update is not
+
+    def _pass(self, job: _Job, w: Tensor, w64: Tensor | None) -> None:
         tasks = self.tasks
         if not self.staging:  # params in host memory, read directly: one update per bucket
             for task in tasks:
-                self._update(task, task.param, job)
+                self._update(task, task.param, w, w64)
             self._params_read(job, {})
             return
         ring = len(self.staging)
@@ -394,12 +409,13 @@ class OffloadEngine:
             if event is not None:
                 event.synchronize()
                 events[i] = None
-            self._update(task, task.staged, job)
+            self._update(task, task.staged, w, w64)
             if i + ring < len(tasks):  # into the buffer just freed
                 issue(i + ring)
 
-    def _update(self, task: _Task, source: Tensor, job: _Job) -> None:
-        w = job.weights64 if task.bucket.dtype == torch.float64 and job.weights64 is not None else job.weights
+    def _update(self, task: _Task, source: Tensor, w: Tensor, w64: Tensor | None) -> None:
+        if task.bucket.dtype == torch.float64 and w64 is not None:
+            w = w64
         if self.storage.num_emas > 1:
             ops.dispatch_update_k(task.emas, source, torch.ones_like(w) if task.copy_only else w, None, task.backend)
         else:

@@ -320,6 +320,9 @@ class EMAStorage:
         self._originals = list(zip(moving, originals, strict=True)) if keep_originals else None
         self._ones: dict[tuple[torch.device, torch.dtype], Tensor] = {}
         self._bucket_storages = [b.param_flat.untyped_storage() for b in self.buckets]
+        # Their StorageImpl addresses, stable while the list above keeps them alive: maybe_moved()
+        # runs in every update() and maps over these without touching the Python wrappers.
+        self._bucket_cdata = tuple(s._cdata for s in self._bucket_storages)
         self._use_counts: tuple[int, ...] | None = None
         self.remember_placement()
 
@@ -384,7 +387,7 @@ class EMAStorage:
     def _bucket_use_counts(self) -> tuple[int, ...] | None:
         if _storage_use_count is None:
             return None
-        return tuple(_storage_use_count(s._cdata) for s in self._bucket_storages)
+        return tuple(map(_storage_use_count, self._bucket_cdata))
 
     def remember_placement(self) -> None:
         """Take the current state as checked: :meth:`maybe_moved` compares against it."""

@@ -322,8 +322,15 @@ class SwitchEMA:
         self._placement = PlacementGuard("SwitchEMA", self.storage, self._slots)
         self._engine: OffloadEngine | OverlapEngine | None = None
         if offload_to is not None:
+            weights_of = weakref.WeakMethod(self._host_weights)  # the worker must not keep this SwitchEMA alive
+
+            def host_weights(step: Tensor, known: int) -> tuple[Tensor, Tensor | None]:
+                return weights_of()(step, known)
+
             try:  # pinned staging, a thread: if either fails, the params go back to their old memory
-                self._engine = OffloadEngine(self.storage, offload_chunk_elements, staging_chunks)
+                self._engine = OffloadEngine(
+                    self.storage, self._steps[offload_to], host_weights, offload_chunk_elements, staging_chunks
+                )
             except BaseException:
                 self.storage.restore_originals()
                 raise
@@ -360,7 +367,10 @@ class SwitchEMA:
 
     @property
     def step(self) -> int:
-        """Number of EMA updates performed (reads the device counter: a host sync)."""
+        """Number of EMA updates performed (reads the device counter: a host sync; with
+        ``ema_device="cpu"``, waits for the pending update, which the worker counts)."""
+        if isinstance(self._engine, OffloadEngine):
+            self._engine.wait_idle()
         return int(next(iter(self._steps.values())).item())
 
     @property
@@ -513,6 +523,9 @@ class SwitchEMA:
         self._update_now(switch, traced=False)
 
     def _update_now(self, switch: bool, traced: bool, engine: bool = True) -> None:
+        if engine and isinstance(self._engine, OffloadEngine):
+            self._update_offloaded(switch)
+            return
         known = None if traced else self._updates_seen
         weights = {device: self._weights(step, known) for device, step in self._steps.items()}
         weights64 = None
@@ -529,20 +542,33 @@ class SwitchEMA:
             self._traced_updates = True
         else:
             self._updates_seen += 1
-        if engine and self._engine is not None:
-            # Last: the offload worker starts here, and its threads would take the cores from
-            # whatever the training thread still had to do (bench/offload.py, host time).
-            try:
-                self._engine.hand_over()
-            except BaseException:
-                # Interrupted before the job was queued: the update is not counted (tracked buffers,
-                # updated above by a lerp that cannot be undone, keep it).
-                if not self._engine.handed_over:
-                    for step in self._steps.values():
-                        step.sub_(1)
-                    if not traced:
-                        self._updates_seen -= 1
-                raise
+        if switch:
+            self._after_switch()
+
+    def _update_offloaded(self, switch: bool) -> None:
+        """update() with ema_device='cpu': the worker computes the weights from the host step
+        counter and counts the update there, so no torch op runs on the training thread (each one
+        costs tens of µs with the caches the worker has just streamed through). The hand-over
+        comes last: from then on the worker's threads take the host's cores."""
+        engine = self._engine
+        engine.finish()  # at most one update in flight; a worker error surfaces here, before anything counts
+        known = self._updates_seen
+        device_steps = [step for step in self._steps.values() if step is not engine.step]
+        if self.tracked_buffers.buffers:  # the buffers are read now, beside the params, with their weights
+            self.tracked_buffers.update_({device: self._weights(step, known) for device, step in self._steps.items()})
+        for step in device_steps:
+            step.add_(1)
+        self._updates_seen += 1
+        try:
+            engine.hand_over(known, switch)
+        except BaseException:
+            # Interrupted before the job was queued: the update is not counted (tracked buffers,
+            # updated above by a lerp that cannot be undone, keep it).
+            if not engine.handed_over:
+                for step in device_steps:
+                    step.sub_(1)
+                self._updates_seen -= 1
+            raise
         if switch:
             self._after_switch()
 
@@ -561,6 +587,10 @@ class SwitchEMA:
                 UntrackedParamWarning,
                 stacklevel=3,
             )
+
+    def _host_weights(self, step: Tensor, known: int) -> tuple[Tensor, Tensor | None]:
+        """The offload worker's weights (float32, and float64 for fp64 params) from the host step."""
+        return self._weights(step, known), self._weights(step, known, torch.float64) if self._fp64 else None
 
     def _weights(self, step: Tensor, known: int | None, dtype: torch.dtype = torch.float32) -> Tensor:
         """EMA 0's weight (0-d), or with K decays a (K,) tensor of the K weights: cached once every

@@ -470,3 +470,35 @@ def test_a_worker_error_surfaces_at_the_next_call(monkeypatch):
     copy_params(twin, model)
     ref.update()
     assert_same_ema(ema_of(ema), ema_of(ref), "after reset() and one more update")
+
+
+def test_a_device_step_counter_only_for_tracked_buffers():
+    """With offload, the weights come from the host step counter, which the worker advances: a
+    step counter on the GPU (a launch per update) exists only for tracked buffers, whose EMA stays
+    beside them and matches the plain update's bit for bit."""
+    bare = sema.SwitchEMA(params_model(SIZES, torch.float32, "cuda"), switch_every=None, ema_device="cpu")
+    assert list(bare._steps) == [torch.device("cpu")]
+
+    def bn_model() -> nn.Module:
+        torch.manual_seed(3)
+        return nn.Sequential(nn.Linear(16, 32), nn.BatchNorm1d(32), nn.Linear(32, 4)).cuda()
+
+    ref_model, off_model = bn_model(), bn_model()
+    options = {"decay": 0.9, "warmup": "power", "buffers": "ema", "switch_every": None}
+    ref = sema.SwitchEMA(ref_model, **options)
+    off = sema.SwitchEMA(off_model, ema_device="cpu", **options)
+    assert set(off._steps) == {torch.device("cpu"), torch.device("cuda", torch.cuda.current_device())}
+    for step in range(12):
+        x = torch.randn(8, 16, device="cuda", generator=torch.Generator("cuda").manual_seed(step))
+        for model, ema in ((ref_model, ref), (off_model, off)):
+            model(x).square().mean().backward()
+            with torch.no_grad():
+                for p in model.parameters():
+                    p.sub_(0.1 * p.grad)
+                    p.grad = None
+            ema.update()
+    assert off.step == ref.step == 12
+    ours, theirs = off.state_dict(), ref.state_dict()
+    for name, value in theirs["buffers"].items():
+        assert torch.equal(ours["buffers"][name].cpu(), value.cpu()), name
+    # (the params' EMA against the synchronous update: the tests above, bit for bit)

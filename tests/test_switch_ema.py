@@ -298,7 +298,10 @@ def test_swapped_round_trips_are_bit_exact(backend, dtype, ema_dtype):
     params0 = params_of(model)
     emas0 = emas_of(ema)
     buffers0 = {n: b.clone() for n, b in model.named_buffers()}
-    for trip in range(1000):
+    # Every trip starts from the same bits, so a trip that is not exact shows at once; the
+    # Triton interpreter takes ~0.1 s a trip, so it runs 140 (every exit path 20 times), not 1000.
+    trips = 140 if backend == "triton" else 1000
+    for trip in range(trips):
         try:
             with ema.swapped() as inside:
                 assert inside is model
@@ -314,9 +317,9 @@ def test_swapped_round_trips_are_bit_exact(backend, dtype, ema_dtype):
         except KeyError:
             pass
     for name, p in model.named_parameters():
-        assert_bits_equal(p.detach(), params0[name], f"param {name} after 1000 round trips")
+        assert_bits_equal(p.detach(), params0[name], f"param {name} after {trips} round trips")
     for name, value in emas_of(ema).items():
-        assert_bits_equal(value, emas0[name], f"EMA {name} after 1000 round trips")
+        assert_bits_equal(value, emas0[name], f"EMA {name} after {trips} round trips")
     for name, b in model.named_buffers():
         assert torch.equal(b, buffers0[name]), name
 
