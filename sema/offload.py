@@ -61,6 +61,8 @@ def staging_chunks_for(requested: int | None, param_devices: list[torch.device])
     return requested
 
 
+_NO_EVENTS: dict = {}  # never written: the events of params in host memory
+
 # overlap=True splits each bucket's update into launches of at most this many elements: a CUDA
 # kernel of sema's keeps every block it can fit resident until it ends, so one launch over a
 # whole bucket would hold the SMs against the next forward's kernels; between pieces, they get in.
@@ -270,7 +272,9 @@ class OffloadEngine:
         last in ``update()``, after :meth:`finish`. With ``switch``, wait for it and put the EMA
         into the params (host to device). ``handed_over`` says whether the job was queued."""
         self.handed_over = False
-        ready = {device: torch.cuda.current_stream(device).record_event() for device in self.cuda_devices}
+        ready = _NO_EVENTS
+        if self.cuda_devices:
+            ready = {device: torch.cuda.current_stream(device).record_event() for device in self.cuda_devices}
         self._submitted += 1
         # The race check reads every param's version counter (O(params)): on a few updates only.
         versions = self._versions() if self._submitted % RACE_CHECK_EVERY in (1, 2) else None
@@ -278,7 +282,7 @@ class OffloadEngine:
         try:
             self._idle.close()
             self._read.close()
-            self._read_events = {}
+            self._read_events = _NO_EVENTS
             self._jobs.put(job)
         except BaseException:  # an interrupt before the job was queued: nothing is in flight
             self._submitted -= 1

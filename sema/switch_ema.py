@@ -335,6 +335,8 @@ class SwitchEMA:
                 self.storage.restore_originals()
                 raise
             self.storage.forget_originals()
+            # The step counters update() advances itself: the params' devices' (tracked buffers).
+            self._device_steps = tuple(step for step in self._steps.values() if step is not self._engine.step)
         elif overlap and self._on_cuda:
             self._engine = OverlapEngine(self.storage)
         if self._engine is not None:
@@ -553,11 +555,11 @@ class SwitchEMA:
         engine = self._engine
         engine.finish()  # at most one update in flight; a worker error surfaces here, before anything counts
         known = self._updates_seen
-        device_steps = [step for step in self._steps.values() if step is not engine.step]
-        if self.tracked_buffers.buffers:  # the buffers are read now, beside the params, with their weights
+        device_steps = self._device_steps
+        if device_steps or self.tracked_buffers.buffers:  # read now, beside the params, with their weights
             self.tracked_buffers.update_({device: self._weights(step, known) for device, step in self._steps.items()})
-        for step in device_steps:
-            step.add_(1)
+            for step in device_steps:
+                step.add_(1)
         self._updates_seen += 1
         try:
             engine.hand_over(known, switch)
