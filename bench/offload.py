@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import gc
 import importlib.util
 import inspect
@@ -38,8 +39,10 @@ import io
 import json
 import math
 import os
+import queue
 import statistics
 import sys
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -123,7 +126,9 @@ def measure_host(per_tensor: int, dtype: torch.dtype, samples: int) -> dict:
       ``cold_op_us`` is what one tiny torch op costs at that same moment, for scale.
     - ``offload_in_loop_us``: in a loop whose host step (small torch ops) lasts 1.5x the worker's
       pass, so the worker is done when ``update()`` comes, as in training; a call that still
-      finds the worker busy waits for it, inside the timing."""
+      finds the worker busy waits for it, inside the timing. ``bare_handover_us``, alternated
+      with it in the same loop: one ``SimpleQueue.put`` to a sleeping thread, the floor of any
+      hand-over to a thread."""
     shapes = [(per_tensor,)] * HOST_TENSORS
     offload = sema.SwitchEMA(model_of(shapes, dtype), switch_every=None, ema_device="cpu")
     plain = sema.SwitchEMA(model_of(shapes, dtype), switch_every=None, backend="cpp")
@@ -139,7 +144,20 @@ def measure_host(per_tensor: int, dtype: torch.dtype, samples: int) -> dict:
         offload.update()
         offload.synchronize()
     step_s = max(2e-3, 1.5 * (time.perf_counter() - start) / 5)
-    in_loop_us = each_call_us(offload.update, lambda: host_step(step_s, scratch), samples)
+    # Alternated with update() in the same loop: a bare queue hand-over to a sleeping thread, the
+    # floor of any design that hands the update to a thread (a wake-up: on a VM, an IPI).
+    idle: queue.SimpleQueue = queue.SimpleQueue()
+    sleeper = threading.Thread(target=lambda: [None for _ in iter(idle.get, None)], daemon=True)
+    sleeper.start()
+    in_loop_us, handover_us = [], []
+    for i in range(2 * samples):
+        host_step(step_s, scratch)
+        call = offload.update if i % 2 == 0 else functools.partial(idle.put, i)
+        start = time.perf_counter()
+        call()
+        (in_loop_us if i % 2 == 0 else handover_us).append((time.perf_counter() - start) * 1e6)
+    idle.put(None)
+    sleeper.join()
     offload.synchronize()
     plain_call_us = each_call_us(plain.update, None, samples)
     with _host_overhead_module().without_kernels("cpp") as calls:
@@ -155,6 +173,7 @@ def measure_host(per_tensor: int, dtype: torch.dtype, samples: int) -> dict:
         "cold_op_us": round(statistics.median(cold_op_us), 2),
         "offload_in_loop_us": round(statistics.median(in_loop_us), 2),
         "offload_in_loop_p90_us": round(percentile(in_loop_us, 0.9), 2),
+        "bare_handover_us": round(statistics.median(handover_us), 2),
         "host_step_ms": round(step_s * 1e3, 2),
         "plain_call_us": round(statistics.median(plain_call_us), 2),
         "plain_host_us": round(statistics.median(plain_host_us), 2),
@@ -167,20 +186,26 @@ def measure_host(per_tensor: int, dtype: torch.dtype, samples: int) -> dict:
 
 
 def print_host(rows: list[dict]) -> None:
-    print(f"\nhost time of update() at {HOST_TENSORS} tensors, CPU params (target: offload <= {HOST_TARGET_US:.0f} us)")
+    print(
+        f"\nhost time of update() at {HOST_TENSORS} tensors, CPU params (target: offload <= {HOST_TARGET_US:.0f} us "
+        "both after sync and in a loop)"
+    )
     print("  after sync: called right after the worker streamed the EMA (cold caches; 'tiny op': one add_ then)")
-    print("  in a loop: a host step of small torch ops (1.5x the worker's pass) between updates, as in training")
-    heads = ("after sync", "p90", "tiny op", "in a loop", "p90", "plain call", "plain host", "staging")
+    print("  in a loop: a host step of small torch ops (1.5x the worker's pass) between updates, as in training;")
+    print("  'bare put', alternated with it: a queue put to a sleeping thread, the floor of any hand-over to a thread")
+    heads = ("after sync", "p90", "tiny op", "in a loop", "p90", "bare put", "plain call", "plain host", "staging")
     print(f"{'elements':>12} {'dtype':8} " + " ".join(f"{h:>10}" for h in heads))
     for r in rows:
         in_loop = r.get("offload_in_loop_us")
-        verdict = "meets" if in_loop is not None and in_loop <= r["target_us"] else "MISSES"
+        worst = max(r["offload_us"], in_loop if in_loop is not None else math.inf)
+        verdict = "meets" if worst <= r["target_us"] else "MISSES"
         cells = [r["offload_us"], r["offload_p90_us"], r.get("cold_op_us"), in_loop, r.get("offload_in_loop_p90_us")]
+        cells.append(r.get("bare_handover_us"))
         cells += [r["plain_call_us"], r["plain_host_us"]]
         print(
             f"{r['elements']:>12,} {r['param_dtype']:8} "
             + " ".join("         -" if c is None else f"{c:>7.1f} us" for c in cells)
-            + f" {r['staging_bytes'] / 2**20:>6.1f} MiB  {verdict} (in a loop)"
+            + f" {r['staging_bytes'] / 2**20:>6.1f} MiB  {verdict}"
         )
 
 
