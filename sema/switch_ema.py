@@ -341,6 +341,7 @@ class SwitchEMA:
             self._engine = OverlapEngine(self.storage)
         if self._engine is not None:
             weakref.finalize(self, self._engine.close)
+        self._offload_every_call = isinstance(self._engine, OffloadEngine) and not policy.counts_on_host
 
     def __deepcopy__(self, memo: dict) -> SwitchEMA:
         raise TypeError(
@@ -516,6 +517,10 @@ class SwitchEMA:
                 self._update_counted(switch)  # refuses capture, as without overlap
                 return
             self._update_now(switch, traced=True, engine=False)  # in a graph: the graph orders it
+            return
+        if self._offload_every_call:  # the shortest path: update() is on the training thread's step
+            self._check_placement("update", hot=True)
+            self._update_offloaded(switch)  # its first wait raises a worker error
             return
         self._engine.check()
         if self.policy.counts_on_host:
