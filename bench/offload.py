@@ -124,9 +124,10 @@ def measure_host(per_tensor: int, dtype: torch.dtype, samples: int) -> dict:
     - ``offload_us``: called right after ``synchronize()``, i.e. right after the worker has
       streamed the whole EMA through the caches (both cores' on a 2-core host): the worst case.
       ``cold_op_us`` is what one tiny torch op costs at that same moment, for scale.
-    - ``offload_in_loop_us``: in a loop whose host step (small torch ops) lasts 1.5x the worker's
-      pass, so the worker is done when ``update()`` comes, as in training; a call that still
-      finds the worker busy waits for it, inside the timing. ``bare_handover_us``, alternated
+    - ``offload_in_loop_us``: in a loop with a host step (small torch ops, as long as the
+      worker's pass, at least 2 ms) between updates, as in training; the step ends with an
+      untimed ``synchronize()``, so that the timing holds the hand-over alone, not a wait for a
+      worker slowed down by the step's own use of the cores. ``bare_handover_us``, alternated
       with it in the same loop: one ``SimpleQueue.put`` to a sleeping thread, the floor of any
       hand-over to a thread."""
     shapes = [(per_tensor,)] * HOST_TENSORS
@@ -143,7 +144,7 @@ def measure_host(per_tensor: int, dtype: torch.dtype, samples: int) -> dict:
     for _ in range(5):
         offload.update()
         offload.synchronize()
-    step_s = max(2e-3, 1.5 * (time.perf_counter() - start) / 5)
+    step_s = max(2e-3, (time.perf_counter() - start) / 5)
     # Alternated with update() in the same loop: a bare queue hand-over to a sleeping thread, the
     # floor of any design that hands the update to a thread (a wake-up: on a VM, an IPI).
     idle: queue.SimpleQueue = queue.SimpleQueue()
@@ -152,6 +153,7 @@ def measure_host(per_tensor: int, dtype: torch.dtype, samples: int) -> dict:
     in_loop_us, handover_us = [], []
     for i in range(2 * samples):
         host_step(step_s, scratch)
+        offload.synchronize()
         call = offload.update if i % 2 == 0 else functools.partial(idle.put, i)
         start = time.perf_counter()
         call()
@@ -191,7 +193,7 @@ def print_host(rows: list[dict]) -> None:
         "both after sync and in a loop)"
     )
     print("  after sync: called right after the worker streamed the EMA (cold caches; 'tiny op': one add_ then)")
-    print("  in a loop: a host step of small torch ops (1.5x the worker's pass) between updates, as in training;")
+    print("  in a loop: a host step of small torch ops (the worker's pass, >= 2 ms) between updates, as in training;")
     print("  'bare put', alternated with it: a queue put to a sleeping thread, the floor of any hand-over to a thread")
     heads = ("after sync", "p90", "tiny op", "in a loop", "p90", "bare put", "plain call", "plain host", "staging")
     print(f"{'elements':>12} {'dtype':8} " + " ".join(f"{h:>10}" for h in heads))
