@@ -40,7 +40,6 @@ from sema.storage import EMAStorage
 
 # Default chunk of the offload pipeline, in param elements: 4 MiB of fp32 params (2 MiB of bf16);
 # the staging ring holds OFFLOAD_STAGING_CHUNKS buffers of one chunk each, of the widest param dtype.
-
 OFFLOAD_CHUNK_ELEMENTS = 1 << 20
 OFFLOAD_STAGING_CHUNKS = 2  # for CUDA params; CPU params are read directly unless asked otherwise
 
@@ -183,9 +182,9 @@ class _Gate:
         self._lock = threading.Lock()
 
     def close(self) -> None:
-        """Only while open (the training thread waits for the previous update first)."""
-        if not self._lock.acquire(blocking=False):
-            raise RuntimeError("sema internal error: an offload update was handed over while another was in flight")
+        """Only while open (the training thread waits for the previous update first); blocking,
+        since another thread's wait() holds the lock for a moment."""
+        self._lock.acquire()
 
     def open(self) -> None:
         """From the worker only (opening twice is fine)."""
