@@ -19,6 +19,7 @@ The thread count never changes a result: every op is elementwise.
 from __future__ import annotations
 
 import math
+import threading
 import time
 from collections.abc import Callable, Hashable, Iterator
 from contextlib import contextmanager
@@ -45,6 +46,7 @@ class ThreadPlanner:
         self._single_until = -math.inf
         self._backoff = 0.0
         self._all_threads = False
+        self._local = threading.local()  # per calling thread: its cap (cap_this_thread)
         self.stats = {"parallel": 0, "single": 0, "late": 0}
 
     def threads(self, key: Hashable, nbytes: int, max_threads: int) -> int:
@@ -78,9 +80,17 @@ class ThreadPlanner:
         else:
             self._backoff = 0.0
 
+    def cap_this_thread(self, threads: int | None) -> None:
+        """At most ``threads`` threads for every op called from the calling thread (None: no cap
+        beyond ``torch.get_num_threads()``): the offload worker's ``offload_threads``."""
+        self._local.cap = threads
+
     def run(self, key: Hashable, nbytes: int, op: Callable[[int], None]) -> None:
         """Calls ``op(threads)`` with the planned thread count and records its time."""
         max_threads = torch.get_num_threads()
+        cap = getattr(self._local, "cap", None)
+        if cap is not None:
+            max_threads = min(max_threads, cap)
         if self._all_threads:
             op(max_threads)  # not recorded: forced calls must not steer the planner
             return

@@ -36,6 +36,7 @@ from torch import Tensor
 
 from sema import ops
 from sema.buckets import FlatBucket
+from sema.cpu_threads import PLANNER
 from sema.storage import EMAStorage
 
 # Default chunk of the offload pipeline, in param elements: 4 MiB of fp32 params (2 MiB of bf16);
@@ -215,8 +216,10 @@ class OffloadEngine:
         weights_at: Callable[[Tensor, int], tuple[Tensor, Tensor | None]],
         chunk_elements: int = OFFLOAD_CHUNK_ELEMENTS,
         staging_chunks: int = OFFLOAD_STAGING_CHUNKS,
+        threads: int | None = None,
     ) -> None:
         self.storage = storage
+        self.threads = threads  # at most this many CPU threads per update (None: torch's count)
         # The host step counter (0-d int64): the worker computes each update's weights from it
         # (weights_at(step, number of earlier updates): float32, and float64 for fp64 params) and
         # counts the update there once it is done. Read it after finish().
@@ -348,6 +351,7 @@ class OffloadEngine:
     def _run(self) -> None:
         if self.cuda_devices:  # else the first CUDA call of this thread makes a context on GPU 0
             torch.cuda.set_device(self.cuda_devices[0])
+        PLANNER.cap_this_thread(self.threads)
         while True:
             job = self._jobs.get()
             if job is None:

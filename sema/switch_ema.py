@@ -122,6 +122,9 @@ class SwitchEMA:
             written once the update is that close to its end; enough to hold every bucket
             frees them as soon as the copies land, at the price of that much pinned memory.
             ``None``: 2 for CUDA params, 0 for CPU params (the worker reads them directly).
+        offload_threads: at most this many CPU threads for the offload worker's updates (the
+            training thread and data loaders keep the other cores); ``None``:
+            ``torch.get_num_threads()``.
 
         Which arguments reproduce other EMA libraries: docs/migration.md.
     """
@@ -155,6 +158,7 @@ class SwitchEMA:
         overlap: bool = False,
         offload_chunk_elements: int = OFFLOAD_CHUNK_ELEMENTS,
         offload_staging_chunks: int | None = None,
+        offload_threads: int | None = None,
     ) -> None:
         # Every check runs before the model is touched: a bad argument leaves it as it was.
         if not isinstance(model, nn.Module):
@@ -255,6 +259,15 @@ class SwitchEMA:
         if grouped:
             ops.check_dense(local, "SwitchEMA(flatten=False)" if not flatten else "SwitchEMA (sharded params)")
         offload_to = _ema_device(ema_device, offload_chunk_elements, grouped)
+        if offload_threads is not None and (
+            isinstance(offload_threads, bool) or not isinstance(offload_threads, int) or offload_threads < 1
+        ):
+            raise ValueError(f"SwitchEMA: offload_threads={offload_threads!r} must be None or a positive int")
+        if offload_threads is not None and offload_to is None:
+            raise ValueError(
+                f"SwitchEMA: offload_threads={offload_threads!r} sets the offload worker's threads, and there is no "
+                "worker without ema_device='cpu'; pass ema_device='cpu' too, or leave offload_threads=None"
+            )
         param_devices = list(dict.fromkeys(device for device, _ in plan_buckets(named)))
         staging_chunks = staging_chunks_for(offload_staging_chunks, param_devices)
         resolved: dict[torch.device, str] = {}
@@ -329,7 +342,12 @@ class SwitchEMA:
 
             try:  # pinned staging, a thread: if either fails, the params go back to their old memory
                 self._engine = OffloadEngine(
-                    self.storage, self._steps[offload_to], host_weights, offload_chunk_elements, staging_chunks
+                    self.storage,
+                    self._steps[offload_to],
+                    host_weights,
+                    offload_chunk_elements,
+                    staging_chunks,
+                    offload_threads,
                 )
             except BaseException:
                 self.storage.restore_originals()

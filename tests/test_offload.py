@@ -461,6 +461,9 @@ def test_attach_returns_a_removable_handle() -> None:
         ({"offload_chunk_elements": True}, ValueError, "positive int"),
         ({"offload_staging_chunks": -1}, ValueError, "non-negative int"),
         ({"overlap": 1}, TypeError, "overlap must be True or False"),
+        ({"ema_device": "cpu", "offload_threads": 0}, ValueError, "positive int"),
+        ({"ema_device": "cpu", "offload_threads": True}, ValueError, "positive int"),
+        ({"offload_threads": 2}, ValueError, "no worker without ema_device='cpu'"),
     ],
 )
 def test_bad_offload_arguments_leave_the_model_untouched(kwargs: dict, error: type, match: str) -> None:
@@ -696,3 +699,36 @@ def test_the_worker_starts_after_the_update_is_counted(monkeypatch: pytest.Monke
         ema.update()
     assert ema.step == 3  # waits for the worker's count
     assert seen == [(1, 0), (2, 1), (3, 2)]
+
+
+@pytest.mark.parametrize("cap", [None, 1], ids=["uncapped", "offload_threads1"])
+def test_offload_threads_caps_the_workers_kernels(monkeypatch: pytest.MonkeyPatch, cap: int | None) -> None:
+    # all_threads(): every parallel call takes the most threads it may, so the count is the cap's.
+    from sema import _ext_cpu
+    from sema.cpu_threads import PLANNER
+
+    seen = []
+    real = _ext_cpu._C
+
+    class Recording:
+        def __getattr__(self, name: str) -> object:
+            return getattr(real, name)
+
+        def cpu_ema_update(self, *args: object) -> None:
+            seen.append((threading.current_thread().name, args[-1]))
+            real.cpu_ema_update(*args)
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        monkeypatch.setattr(_ext_cpu, "_C", Recording())
+        model = nn.Sequential(nn.Linear(512, 512), nn.Linear(512, 512))  # 2 MiB of fp32 params: parallel work
+        ema = sema.SwitchEMA(model, decay=0.9, switch_every=None, ema_device="cpu", offload_threads=cap)
+        with PLANNER.all_threads():
+            for _ in range(3):
+                ema.update()
+            ema.synchronize()
+    finally:
+        torch.set_num_threads(previous)
+    assert seen and all(name == "sema-offload" for name, _ in seen), seen
+    assert {threads for _, threads in seen} == {2 if cap is None else cap}, seen
