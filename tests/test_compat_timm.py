@@ -36,6 +36,7 @@ import pickle
 import warnings
 from collections.abc import Iterator
 
+import conftest
 import pytest
 import torch
 import torch.nn.functional as F
@@ -56,22 +57,15 @@ TIMM = load_timm_model_ema("_peer_timm_model_ema_compat")
 pytestmark = pytest.mark.skipif(TIMM is None, reason="timm not installed: run `make install` (puts it in .venv/peers)")
 
 
-class SmallCNN(nn.Module):
-    """Conv + BatchNorm, and a frozen param the loop changes (timm averages it too)."""
+class SmallCNN(conftest.SmallCNN):
+    """conftest's CNN, and a frozen param the loop changes (timm averages it too)."""
 
     def __init__(self) -> None:
         super().__init__()
-        self.conv1 = nn.Conv2d(3, 6, 3, padding=1)
-        self.bn1 = nn.BatchNorm2d(6)
-        self.conv2 = nn.Conv2d(6, 8, 3, stride=2, padding=1)
-        self.bn2 = nn.BatchNorm2d(8)
-        self.fc = nn.Linear(8, 4)
         self.gain = nn.Parameter(torch.ones(4), requires_grad=False)
 
     def forward(self, x: Tensor) -> Tensor:
-        x = F.relu(self.bn1(self.conv1(x)))
-        x = F.relu(self.bn2(self.conv2(x)))
-        return self.fc(x.mean(dim=(2, 3))) * self.gain
+        return super().forward(x) * self.gain
 
     def batch(self, gen: torch.Generator, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
         return torch.randn(8, 3, 8, 8, generator=gen).to(dtype), torch.randint(0, 4, (8,), generator=gen)
