@@ -262,40 +262,39 @@ class OffloadEngine:
         self._error: tuple[BaseException, str, int] | None = None
         self._raced: int | None = None
         self._submitted = 0
-        self.handed_over = True  # whether the last hand_over() queued its job (False: nothing in flight)
         self._thread = threading.Thread(target=self._run, name="sema-offload", daemon=True)
         self._thread.start()
         _ENGINES.add(self)
 
     # --- the training thread ------------------------------------------------------------------
 
-    def hand_over(self, known: int, switch: bool) -> None:
+    def hand_over(self, known: int) -> None:
         """Start update number ``known`` (0-based) on the worker and return: ``SwitchEMA`` calls it
-        last in ``update()``, after :meth:`finish`. With ``switch``, wait for it and put the EMA
-        into the params (host to device). ``handed_over`` says whether the job was queued."""
-        self.handed_over = False
+        last in ``update()``, after :meth:`finish`. If it raises, nothing was queued."""
         ready = _NO_EVENTS
         if self.cuda_devices:
             ready = {device: torch.cuda.current_stream(device).record_event() for device in self.cuda_devices}
-        self._submitted += 1
+        number = self._submitted + 1
         # The race check reads every param's version counter (O(params)): on a few updates only.
-        versions = self._versions() if self._submitted % RACE_CHECK_EVERY in (1, 2) else None
-        job = _Job(known, ready, self._submitted, versions)
+        versions = self._versions() if number % RACE_CHECK_EVERY in (1, 2) else None
+        job = _Job(known, ready, number, versions)
         try:
             self._idle.close()
             self._read.close()
             self._read_events = _NO_EVENTS
             self._jobs.put(job)
         except BaseException:  # an interrupt before the job was queued: nothing is in flight
-            self._submitted -= 1
             self._read.open()
             self._idle.open()
             raise
-        self.handed_over = True
-        if switch:
-            self.finish()
-            wait_for_readers(self.storage, self)
-            self.storage.switch_(0)
+        self._submitted = number
+
+    def switch_in(self) -> None:
+        """A switch fused into the update just handed over: wait for it, then put the EMA into the
+        params (host to device)."""
+        self.finish()
+        wait_for_readers(self.storage, self)
+        self.storage.switch_(0)
 
     def params_read(self) -> None:
         """Return once the pending update has read the params (CUDA: the current streams wait

@@ -585,16 +585,16 @@ class SwitchEMA:
                 step.add_(1)
         self._updates_seen += 1
         try:
-            engine.hand_over(known, switch)
+            engine.hand_over(known)
         except BaseException:
             # Interrupted before the job was queued: the update is not counted (tracked buffers,
             # updated above by a lerp that cannot be undone, keep it).
-            if not engine.handed_over:
-                for step in device_steps:
-                    step.sub_(1)
-                self._updates_seen -= 1
+            for step in device_steps:
+                step.sub_(1)
+            self._updates_seen -= 1
             raise
         if switch:
+            engine.switch_in()
             self._after_switch()
 
     def _report_newly_trainable(self) -> None:
